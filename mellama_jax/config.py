@@ -1,0 +1,234 @@
+"""Typed, frozen configuration and translation to and from Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from mellama_jax.errors import UserError
+
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA architecture. Defaults are LLaMA-2 7B; use the named presets."""
+
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    ffn_dim: int = 11008
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # master weights
+    remat: str = "full"  # one of REMAT_POLICIES
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise UserError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise UserError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def llama2_7b(cls, **kw) -> ModelConfig:
+        return cls(**kw)
+
+    @classmethod
+    def llama2_13b(cls, **kw) -> ModelConfig:
+        return cls(**{"d_model": 5120, "n_layers": 40, "n_heads": 40, "n_kv_heads": 40, "ffn_dim": 13824, **kw})
+
+    @classmethod
+    def llama2_70b(cls, **kw) -> ModelConfig:
+        return cls(**{"d_model": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "ffn_dim": 28672, **kw})
+
+    @classmethod
+    def tiny(cls, **kw) -> ModelConfig:
+        """A CPU-sized model with LLaMA-2's vocabulary, so the real tokenizer drives it."""
+        defaults = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "ffn_dim": 172}
+        return cls(**{**defaults, "max_seq_len": 256, "dtype": "float32", "remat": "none", **kw})
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **kw) -> ModelConfig:
+        """Reads a HF `LlamaForCausalLM` config dict; refuses any attribute we do not implement."""
+        return cls(**_from_hf(hf), **kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict that transformers 4.x and 5.x both read (rope_theta at top level)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.d_model,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": self.init_std,
+        }
+
+
+# HF attribute -> our field, for attributes that translate one to one.
+_HF_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "d_model",
+    "intermediate_size": "ffn_dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "head_dim": "head_dim",
+    "rms_norm_eps": "rms_eps",
+    "max_position_embeddings": "max_seq_len",
+    "tie_word_embeddings": "tie_embeddings",
+    "initializer_range": "init_std",
+}
+# Attributes that describe the file, the tokenizer or torch runtime, not the function the model computes.
+_HF_IGNORED = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "pretraining_tp", "output_attentions",
+    "output_hidden_states", "return_dict", "tokenizer_class", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "tf_legacy_loss", "use_bfloat16",
+}  # fmt: skip
+# Attributes we accept only at the value that means "the plain LLaMA computation".
+_HF_MUST_BE = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "attention_dropout": (0, 0.0),
+}
+
+
+def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in hf.items():
+        if key in _HF_FIELDS:
+            fields[_HF_FIELDS[key]] = value
+        elif key in _HF_MUST_BE:
+            if value not in _HF_MUST_BE[key]:
+                raise UserError(f"config.json: unsupported {key}={value!r} (supported: {_HF_MUST_BE[key]})")
+        elif key == "rope_theta":
+            fields["rope_theta"] = float(value)
+        elif key in ("rope_parameters", "rope_scaling"):  # transformers 5 moves rope_theta into these
+            theta = _rope_theta(key, value)
+            if theta is not None:
+                fields["rope_theta"] = theta
+        elif key not in _HF_IGNORED and not key.startswith("_"):
+            raise UserError(f"config.json: unsupported attribute {key!r}={value!r}; refusing to guess")
+    if hf.get("model_type", "llama") != "llama":
+        raise UserError(f"config.json: unsupported model_type={hf['model_type']!r} (supported: 'llama')")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]  # fmt: skip
+    if missing:
+        raise UserError(f"config.json: missing required attribute(s) {', '.join(missing)}")
+    fields.setdefault("n_kv_heads", fields["n_heads"])
+    if fields.get("head_dim") is None:
+        fields["head_dim"] = fields["d_model"] // fields["n_heads"]
+    return fields
+
+
+def _rope_theta(key: str, rope: dict[str, Any] | None) -> float | None:
+    """Accepts only plain RoPE: None or rope_type 'default'; returns its theta when it names one."""
+    rope = rope or {}
+    unsupported = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
+    if rope.get("rope_type", rope.get("type", "default")) != "default" or unsupported:
+        raise UserError(f"config.json: unsupported {key}={rope!r} (only plain RoPE, rope_type 'default')")
+    return float(rope["rope_theta"]) if "rope_theta" in rope else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A run: the model and the batch shape (optimiser, mesh and data sections join as they land)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig.llama2_13b)
+    seq_len: int = 4096
+    global_batch: int = 1024  # sequences per optimiser step: 1024 x 4096 ≈ 4M tokens (DESIGN §1)
+
+
+PRESETS = ("llama2_7b", "llama2_13b", "llama2_70b", "tiny")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML (only the differences from the defaults) plus `a.b=value` overrides; unknown keys are errors.
+
+    `model.preset` picks a named ModelConfig preset; other `model.*` keys override its fields.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"{path}: cannot read config: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key.sub=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {name!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return _build(TrainConfig(), raw, path or "command line", "")
+
+
+def _build(base: Any, raw: dict[str, Any], where: str, prefix: str):
+    """`base` (a config dataclass) with `raw`'s differences applied, section by section."""
+    cls, raw = type(base), dict(raw)
+    preset = raw.pop("preset", None) if cls is ModelConfig else None
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"{where}: unknown {prefix}preset {preset!r} (known: {', '.join(PRESETS)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise UserError(f"{where}: unknown key {prefix + key!r} (known: {', '.join(sorted(hints))})")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: {prefix + key!r} must be a section, got {value!r}")
+            kwargs[key] = _build(getattr(base, key), value, where, f"{prefix}{key}.")
+        else:
+            if kind is float and type(value) is int:
+                value = float(value)
+            if type(value) is not kind:  # exact: YAML's `true` must not pass as an int
+                raise UserError(f"{where}: {prefix + key!r} must be {kind.__name__}, got {value!r}")
+            kwargs[key] = value
+    try:
+        return getattr(cls, preset)(**kwargs) if preset else dataclasses.replace(base, **kwargs)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None

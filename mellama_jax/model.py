@@ -1,0 +1,212 @@
+"""LLaMA-2 in Flax NNX, in the order the paper describes it.
+
+Dimension letters, used in every einsum and shape comment:
+  B batch          T query length     S key length      D model width     F MLP hidden
+  N query heads    K kv heads         G = N / K         H head dim        V vocab      L layers
+
+Parameters are stored in einsum shapes (q is [D, N, H], not HF's flattened [N*H, D]) and carry logical
+axis names only; `sharding.py` maps those names to mesh axes. RoPE keeps HF's rotate-half layout, so
+converted HF weights need no q/k permutation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mellama_jax.config import ModelConfig
+
+# The decode cache: {"k", "v": [L, B, S, K, H], "segment_ids": [B, S], "index": []}.
+Cache = dict[str, jax.Array]
+
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], names: tuple[str, ...]) -> nnx.Param:
+    init = jax.nn.initializers.normal(cfg.init_std)
+    # Logical names only: the sharded init in train.py turns them into placements (no eager sharding here).
+    return nnx.Param(init(rngs.params(), shape, cfg.param_dtype), out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        ones = jnp.ones((cfg.d_model,), cfg.param_dtype)
+        self.scale = nnx.Param(ones, out_sharding=("embed",), eager_sharding=False)  # [D]
+        self.eps = cfg.rms_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF rotate-half layout: x [B, T, n, H], positions [B, T]."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
+    """[B, T, S] bool: query t (at slot q_offset + t) sees key s iff s <= that slot and both share a segment.
+
+    Causality is by slot, not by position, so documents packed into one row (positions restarting at 0)
+    are kept apart by their segment ids alone.
+    """
+    q_slot = q_offset + jnp.arange(q_segments.shape[1])  # [T]
+    causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_slot[:, None]  # [T, S]
+    same_segment = q_segments[:, :, None] == kv_segments[:, None, :]  # [B, T, S]
+    return causal[None] & same_segment
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = _param(rngs, cfg, (d, n, h), ("embed", "heads", "head_dim"))
+        self.k = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
+        self.v = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
+        self.o = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"))
+        self.theta = cfg.rope_theta
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T]
+        mask: jax.Array,  # [B, T, S]
+        kv: tuple[jax.Array, jax.Array] | None = None,  # cached ([B, S, K, H], [B, S, K, H])
+        index: jax.Array | int = 0,  # slot of x's first token in the cache
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        dt = x.dtype
+        q = rope(jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt)), positions, self.theta)
+        k = rope(jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt)), positions, self.theta)
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            kv = (k, v)
+        b, t, n, h = q.shape
+        q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)  # [B, T, K, G, H]: head n = kv head * G + g
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * h**-0.5, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt)).reshape(b, t, n, h)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.ffn_dim
+        self.gate = _param(rngs, cfg, (d, f), ("embed", "mlp"))
+        self.up = _param(rngs, cfg, (d, f), ("embed", "mlp"))
+        self.down = _param(rngs, cfg, (f, d), ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        dt = x.dtype
+        gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt)))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", gate * up, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, mask, kv=None, index=0):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))  # [V, D]
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(key: jax.Array) -> Block:
+            return Block(cfg, rngs=nnx.Rngs(params=key))
+
+        self.layers = stacked_blocks(jax.random.split(rngs.params(), cfg.n_layers))  # every leaf [L, ...]
+        self.final_norm = RMSNorm(cfg)
+        self.lm_head = (
+            None if cfg.tie_embeddings else _param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int
+        positions: jax.Array,  # [B, T] int
+        segment_ids: jax.Array | None = None,  # [B, T] int; None = one document per row
+        cache: Cache | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Returns fp32 logits [B, T, V] and, when decoding, the cache advanced by T slots."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+
+        if cache is None:
+            index, kv_in = 0, None
+            mask = attention_mask(segment_ids, segment_ids)
+        else:
+            index, kv_in = cache["index"], (cache["k"], cache["v"])
+            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)
+            mask = attention_mask(segment_ids, kv_segments, index)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer(x, xs):
+            block = nnx.merge(graphdef, xs[0])
+            return block(x, positions, mask, xs[1], index)
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT[cfg.remat])
+        x, kv_out = jax.lax.scan(layer, x, (layer_state, kv_in))
+
+        x = self.final_norm(x)
+        head, spec = (self.embed, "BTD,VD->BTV") if self.lm_head is None else (self.lm_head, "BTD,DV->BTV")
+        logits = jnp.einsum(spec, x, head[...].astype(dt), preferred_element_type=jnp.float32)
+        if cache is not None:
+            k, v = kv_out
+            cache = {"k": k, "v": v, "segment_ids": kv_segments, "index": index + tokens.shape[1]}
+        return logits, cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty decode cache for `max_len` slots; slots fill left to right."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def abstract_model(cfg: ModelConfig) -> Llama:
+    """The model with ShapeDtypeStructs for values: shapes, dtypes and logical names, nothing allocated."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def with_params(cfg: ModelConfig, params: dict) -> Llama:
+    """A model holding `params` (a nested dict shaped like `nnx.to_pure_dict` output), nothing initialised."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

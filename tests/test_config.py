@@ -1,0 +1,104 @@
+"""ModelConfig presets, HF config translation in both directions, and its refusals."""
+
+import dataclasses
+
+import pytest
+
+from mellama_jax.config import ModelConfig
+from mellama_jax.errors import UserError
+
+# A real LLaMA-2-13B config.json as transformers 4.x wrote it (values from the paper's table).
+LLAMA2_13B_HF = {
+    "_name_or_path": "meta-llama/Llama-2-13b-hf",
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 5120,
+    "initializer_range": 0.02,
+    "intermediate_size": 13824,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 40,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 40,
+    "pad_token_id": 0,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.32.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
+
+def test_presets_match_the_paper():
+    assert ModelConfig.llama2_13b() == ModelConfig.from_hf(LLAMA2_13B_HF)
+    big = ModelConfig.llama2_70b()
+    assert (big.n_layers, big.d_model, big.n_heads, big.n_kv_heads, big.ffn_dim) == (80, 8192, 64, 8, 28672)
+    assert (big.rms_eps, big.rope_theta, big.max_seq_len, big.tie_embeddings) == (1e-5, 10000.0, 4096, False)
+
+
+def test_rope_theta_at_top_level_or_in_rope_parameters():
+    top = {**LLAMA2_13B_HF, "rope_theta": 500000.0}
+    v5 = {**LLAMA2_13B_HF, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    del v5["rope_scaling"]
+    assert ModelConfig.from_hf(top).rope_theta == ModelConfig.from_hf(v5).rope_theta == 500000.0
+
+
+def test_head_dim_and_kv_heads_default_like_transformers():
+    hf = {k: v for k, v in LLAMA2_13B_HF.items() if k != "num_key_value_heads"}
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.n_kv_heads, cfg.head_dim) == (40, 128)
+    assert ModelConfig.from_hf({**hf, "head_dim": 64}).head_dim == 64
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama2_7b", "llama2_70b"])
+def test_to_hf_and_back_is_identity(preset):
+    cfg = dataclasses.replace(getattr(ModelConfig, preset)(), tie_embeddings=True, rope_theta=1e6)
+    hf = cfg.to_hf()
+    assert hf["rope_theta"] == 1e6 and hf["rope_scaling"] is None
+    assert ModelConfig.from_hf(hf, dtype=cfg.dtype, remat=cfg.remat) == cfg
+
+
+@pytest.mark.parametrize(
+    "attribute, value",
+    [
+        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+        ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+        ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
+        ("attention_bias", True),
+        ("mlp_bias", True),
+        ("hidden_act", "gelu"),
+        ("attention_dropout", 0.1),
+        ("sliding_window", 4096),
+        ("model_type", "mistral"),
+    ],
+)
+def test_unsupported_hf_attributes_are_refused_by_name(attribute, value):
+    with pytest.raises(UserError, match=attribute) as err:
+        ModelConfig.from_hf({**LLAMA2_13B_HF, attribute: value})
+    assert "\n" not in str(err.value)
+
+
+def test_missing_required_hf_attribute():
+    hf = {k: v for k, v in LLAMA2_13B_HF.items() if k != "hidden_size"}
+    with pytest.raises(UserError, match="hidden_size"):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"n_kv_heads": 3}, "n_kv_heads"),
+        ({"remat": "sometimes"}, "model.remat"),
+        ({"dtype": "float8"}, "model.dtype"),
+        ({"head_dim": 15}, "head_dim must be even"),
+        ({"n_layers": 0}, "n_layers must be positive"),
+    ],
+)
+def test_invalid_config_names_the_parameter(override, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig.tiny(**override)
