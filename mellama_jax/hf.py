@@ -10,10 +10,14 @@ leading L axis; HF names them one by one (`{i}`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Iterator, Mapping
+import pathlib
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -134,3 +138,133 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+# --- safetensors, read and written tensor by tensor ------------------------------------------------
+# The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+# then raw little-endian bytes. We read it ourselves because the `safetensors` numpy API has no bf16,
+# and one memmap per tensor (released after use) keeps resident memory at one tensor, not one shard.
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: pathlib.Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+    def read(self) -> np.ndarray:
+        """The tensor, memory-mapped read-only; dropping it releases the mapping."""
+        if math.prod(self.shape) == 0:
+            return np.zeros(self.shape, self.dtype)
+        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+
+
+def read_safetensors_index(path: pathlib.Path) -> dict[str, TensorInfo]:
+    """Every tensor's dtype, shape and location, from the header alone."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {
+            name: TensorInfo(
+                path, np.dtype(SAFETENSORS_DTYPES[h["dtype"]]), tuple(h["shape"]), 8 + length + h["data_offsets"][0]
+            )
+            for name, h in header.items()
+        }
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def plan_shards(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[int]]:
+    """Tensors (in order) grouped into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(specs):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def write_safetensors_shards(
+    specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+    get: Callable[[str], np.ndarray],
+    out_dir: pathlib.Path,
+    max_shard_bytes: int,
+) -> None:
+    """`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, holding one tensor at a time."""
+    shards = plan_shards(specs, max_shard_bytes)
+    weight_map, total = {}, 0
+    for s, members in enumerate(shards, start=1):
+        name = f"model-{s:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for i in members:
+            key, shape, dtype = specs[i]
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            header[key] = {
+                "dtype": _DTYPE_NAMES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+            weight_map[key] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with open(out_dir / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for i in members:
+                key, shape, dtype = specs[i]
+                array = np.ascontiguousarray(get(key))
+                if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                    raise ValueError(f"{key}: got {array.dtype}{array.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        total += offset
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_hf(
+    params: Mapping,
+    cfg: ModelConfig,
+    out_dir: pathlib.Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    generation: Mapping[str, int | None] | None = None,
+) -> None:
+    """An HF `LlamaForCausalLM` folder: sharded safetensors + index, config.json, generation_config.json.
+
+    `params` is our parameter tree; its stacked leaves only need `[i]` indexing, so a lazy reader that
+    loads one layer slice at a time keeps memory at one tensor. `generation` holds bos/eos/pad token ids.
+    """
+    rows = {name: (rule, i) for name, rule, i in hf_names(cfg)}
+
+    def get(name: str) -> np.ndarray:
+        rule, i = rows[name]
+        ours = _get(params, rule.path)
+        ours = np.asarray(jax.device_get(ours if i is None else ours[i]))
+        return to_hf(rule, ours).astype(dtype or ours.dtype, copy=False)
+
+    def spec(name: str) -> tuple[str, tuple[int, ...], np.dtype]:
+        rule, i = rows[name]
+        leaf = _get(params, rule.path)
+        shape = tuple(leaf.shape if i is None else leaf.shape[1:])
+        return name, _hf_shape(rule, shape), np.dtype(dtype or leaf.dtype)
+
+    specs = [spec(name) for name in rows]
+    write_safetensors_shards(specs, get, out_dir, max_shard_bytes)
+    dtype_name = str(specs[0][2]) if specs[0][2] != ml_dtypes.bfloat16 else "bfloat16"
+    ids = {k: v for k, v in (generation or {}).items() if v is not None}
+    config = {**cfg.to_hf(), **ids, "torch_dtype": dtype_name}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
