@@ -89,33 +89,38 @@ def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape if rule.n_in is None else (math.prod(shape[rule.n_in :]), math.prod(shape[: rule.n_in]))
 
 
-def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
-    """HF state dict (numpy) -> our nested parameter dict, in the HF arrays' dtype.
-
-    Refuses a missing, unexpected or wrongly shaped tensor, naming it.
-    """
-    shapes = param_shapes(cfg)
-    expected = {name for name, _, _ in hf_names(cfg)}
-    extra = set(state_dict) - expected
+def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, tied_head_equal: Callable[[], bool]) -> None:
+    """Refuses a missing, unexpected or wrongly shaped HF tensor, naming it; needs only shapes, no data."""
+    ours = param_shapes(cfg)
+    expected = {name: (rule, i) for name, rule, i in hf_names(cfg)}
+    extra = set(shapes) - set(expected)
     if cfg.tie_embeddings and TIED_HEAD in extra:
-        if not np.array_equal(state_dict[TIED_HEAD], state_dict.get("model.embed_tokens.weight")):
+        if not tied_head_equal():
             raise UserError(f"{TIED_HEAD}: embeddings are tied but it differs from model.embed_tokens.weight")
         extra.discard(TIED_HEAD)
     if extra:
         raise UserError(f"unexpected tensor {sorted(extra)[0]!r} ({len(extra)} unexpected in all)")
-    missing = expected - set(state_dict)
+    missing = set(expected) - set(shapes)
     if missing:
         raise UserError(f"missing tensor {sorted(missing)[0]!r} ({len(missing)} missing in all)")
+    for name, (rule, i) in expected.items():
+        full = _get(ours, rule.path).shape
+        want = _hf_shape(rule, full if i is None else full[1:])
+        if tuple(shapes[name]) != want:
+            raise UserError(f"tensor {name!r} has shape {tuple(shapes[name])}, config expects {want}")
 
+
+def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
+    """HF state dict (numpy) -> our nested parameter dict, in the HF arrays' dtype."""
+    embed = "model.embed_tokens.weight"
+    tied_equal = lambda: np.array_equal(state_dict[TIED_HEAD], state_dict.get(embed))  # noqa: E731
+    check_tensors({k: np.shape(v) for k, v in state_dict.items()}, cfg, tied_equal)
+    shapes = param_shapes(cfg)
     layers: dict[tuple[str, ...], list[np.ndarray]] = {}
     params: dict = {}
     for name, rule, i in hf_names(cfg):
         full = _get(shapes, rule.path).shape
-        ours_shape = full if i is None else full[1:]
-        hf = np.asarray(state_dict[name])
-        if hf.shape != _hf_shape(rule, ours_shape):
-            raise UserError(f"tensor {name!r} has shape {hf.shape}, config expects {_hf_shape(rule, ours_shape)}")
-        value = to_ours(rule, hf, ours_shape)
+        value = to_ours(rule, np.asarray(state_dict[name]), full if i is None else full[1:])
         if i is None:
             _set(params, rule.path, value)
         else:
@@ -262,9 +267,60 @@ def export_hf(
         return name, _hf_shape(rule, shape), np.dtype(dtype or leaf.dtype)
 
     specs = [spec(name) for name in rows]
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors_shards(specs, get, out_dir, max_shard_bytes)
     dtype_name = str(specs[0][2]) if specs[0][2] != ml_dtypes.bfloat16 else "bfloat16"
     ids = {k: v for k, v in (generation or {}).items() if v is not None}
     config = {**cfg.to_hf(), **ids, "torch_dtype": dtype_name}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+
+
+def hf_weight_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files of an HF folder: from its index, or the single/sharded files themselves."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        missing = [n for n in names if not (hf_dir / n).is_file()]
+        if missing:
+            raise UserError(f"{index}: names shard {missing[0]!r}, which is not in {hf_dir}")
+        return [hf_dir / n for n in names]
+    files = sorted(hf_dir.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{hf_dir}: no model.safetensors, model-*.safetensors or model.safetensors.index.json")
+    return files
+
+
+def convert_hf_to_jax(hf_dir: pathlib.Path, out_dir: pathlib.Path, dtype: str | None = None) -> ModelConfig:
+    """HF folder -> `out_dir/params` (orbax) + `model_config.json`, one tensor in memory at a time."""
+    try:
+        cfg = ModelConfig.from_hf(json.loads((hf_dir / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{hf_dir / 'config.json'}: cannot read ({type(e).__name__}: {e})") from None
+    tensors: dict[str, TensorInfo] = {}
+    for file in hf_weight_files(hf_dir):
+        tensors.update(read_safetensors_index(file))
+    embed = "model.embed_tokens.weight"
+    tied_equal = lambda: np.array_equal(tensors[TIED_HEAD].read(), tensors[embed].read())  # noqa: E731
+    check_tensors({k: t.shape for k, t in tensors.items()}, cfg, tied_equal)
+
+    from mellama_jax.checkpoint import Stacked, save_params
+
+    shapes, tree = param_shapes(cfg), {}
+    for rule in TABLE:
+        if rule.hf == TIED_HEAD and cfg.tie_embeddings:
+            continue
+        full = _get(shapes, rule.path).shape
+        out_dtype = jax.numpy.dtype(dtype) if dtype else tensors[rule.hf.format(i=0)].dtype
+        if "{i}" in rule.hf:
+            read = lambda i, r=rule, s=full[1:], d=out_dtype: to_ours(r, tensors[r.hf.format(i=i)].read(), s).astype(d)  # noqa: E731
+            _set(tree, rule.path, Stacked(tuple(full), out_dtype, read))
+        else:
+            _set(tree, rule.path, np.array(to_ours(rule, tensors[rule.hf].read(), full), dtype=out_dtype))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_params(out_dir / "params", tree)
+    (out_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return cfg
