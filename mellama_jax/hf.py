@@ -67,11 +67,14 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
 
 
+def rules(cfg: ModelConfig) -> Iterator[Rule]:
+    """The table's rows this config uses (a tied model has no separate head)."""
+    return (rule for rule in TABLE if not (rule.hf == TIED_HEAD and cfg.tie_embeddings))
+
+
 def hf_names(cfg: ModelConfig) -> Iterator[tuple[str, Rule, int | None]]:
     """Every HF tensor this config has: (name, rule, layer index or None)."""
-    for rule in TABLE:
-        if rule.hf == TIED_HEAD and cfg.tie_embeddings:
-            continue
+    for rule in rules(cfg):
         if "{i}" in rule.hf:
             for i in range(cfg.n_layers):
                 yield rule.hf.format(i=i), rule, i
@@ -269,9 +272,8 @@ def export_hf(
     specs = [spec(name) for name in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors_shards(specs, get, out_dir, max_shard_bytes)
-    dtype_name = str(specs[0][2]) if specs[0][2] != ml_dtypes.bfloat16 else "bfloat16"
     ids = {k: v for k, v in (generation or {}).items() if v is not None}
-    config = {**cfg.to_hf(), **ids, "torch_dtype": dtype_name}
+    config = {**cfg.to_hf(), **ids, "torch_dtype": str(specs[0][2])}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
 
@@ -310,9 +312,7 @@ def convert_hf_to_jax(hf_dir: pathlib.Path, out_dir: pathlib.Path, dtype: str | 
     from mellama_jax.checkpoint import Stacked, save_params
 
     shapes, tree = param_shapes(cfg), {}
-    for rule in TABLE:
-        if rule.hf == TIED_HEAD and cfg.tie_embeddings:
-            continue
+    for rule in rules(cfg):
         full = _get(shapes, rule.path).shape
         out_dtype = jax.numpy.dtype(dtype) if dtype else tensors[rule.hf.format(i=0)].dtype
         if "{i}" in rule.hf:
