@@ -4,11 +4,18 @@ A converted 70B model has [L, ...] tensors of tens of GB. `Stacked` is a lazy le
 layer slice at a time; its handler writes each slice into an ordinary orbax array (OCDBT + zarr,
 one chunk per layer), so a normal orbax restore reads it back, resharded onto any mesh. Orbax writes
 into a temporary folder and renames it on commit: a half-written checkpoint is never picked up.
+`StoredArray` is the way back out: it reads one layer slice of a saved array at a time.
+
+A CKPT_DIR is anything we write (DESIGN §4):
+- a converted checkpoint: `params/` (orbax) + `model_config.json` (+ tokenizer files);
+- a training run: `checkpoints/<step>/state/` (orbax `CheckpointManager`, a `TrainState` tree whose
+  `params` subtree is the model) + `model_config.json` (+ tokenizer files) at the top.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Callable
 
@@ -17,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import type_handlers as th
+
+from mellama_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +81,56 @@ def restore_params(directory: pathlib.Path, target=None) -> dict:
     directory = pathlib.Path(directory).absolute()
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(directory, target) if target is not None else checkpointer.restore(directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """An array in an orbax checkpoint, read on demand: `[i]` reads one leading-axis slice, `np.asarray` all."""
+
+    store: ts.TensorStore
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.store.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.store.dtype.numpy_dtype)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store[i].read().result()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.store.read().result()
+        return array if dtype is None else array.astype(dtype)
+
+
+def stored_arrays(item_dir: pathlib.Path, subtree: tuple[str, ...] = ()) -> dict:
+    """The arrays of a saved pytree (or of one subtree of it) as `StoredArray`s; no data is read yet."""
+    item_dir = pathlib.Path(item_dir).absolute()
+    tree = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+    for key in subtree:
+        tree = tree[key]
+    ocdbt = th.is_ocdbt_checkpoint(item_dir)
+    zarr3 = json.loads((item_dir / "_METADATA").read_text()).get("use_zarr3", False)
+    context = th.get_ts_context(use_ocdbt=ocdbt)
+
+    def open_leaf(meta) -> StoredArray:
+        info = th.ParamInfo(name=meta.name, parent_dir=item_dir, is_ocdbt_checkpoint=ocdbt, use_zarr3=zarr3)
+        spec = th.get_json_tspec_read(info, use_ocdbt=ocdbt)
+        return StoredArray(ts.open(spec, open=True, read=True, context=context).result())
+
+    return jax.tree.map(open_leaf, tree)
+
+
+def find_params(ckpt_dir: pathlib.Path) -> tuple[pathlib.Path, tuple[str, ...]]:
+    """A CKPT_DIR's orbax item folder holding the params, and the params' path inside that tree."""
+    ckpt_dir = pathlib.Path(ckpt_dir)
+    if (ckpt_dir / "params" / "_METADATA").is_file():
+        return ckpt_dir / "params", ()
+    if (ckpt_dir / "checkpoints").is_dir():
+        steps = ocp.utils.checkpoint_steps(ckpt_dir / "checkpoints")  # only finalized (committed) steps
+        if steps:
+            return ckpt_dir / "checkpoints" / str(max(steps)) / "state", ("params",)
+        raise UserError(f"{ckpt_dir / 'checkpoints'}: no complete checkpoint step")
+    raise UserError(f"{ckpt_dir}: not a converted checkpoint (params/) or a training run (checkpoints/)")

@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import pathlib
-import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from mellama_jax.checkpoint import Stacked, find_params, save_params, stored_arrays
 from mellama_jax.config import ModelConfig
+from mellama_jax.data.tokenizer import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    check_vocab,
+    load_tokenizer,
+    write_hf_tokenizer_json,
+)
 from mellama_jax.errors import UserError
+from mellama_jax.hf_files import read_hf_tensors, write_safetensors_shards
 from mellama_jax.model import abstract_model
+from mellama_jax.outdir import staged_output
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,112 +160,19 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-# --- safetensors, read and written tensor by tensor ------------------------------------------------
-# The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-# then raw little-endian bytes. We read it ourselves because the `safetensors` numpy API has no bf16,
-# and one memmap per tensor (released after use) keeps resident memory at one tensor, not one shard.
-
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}  # fmt: skip
-_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    file: pathlib.Path
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in `file`
-
-    def read(self) -> np.ndarray:
-        """The tensor, memory-mapped read-only; dropping it releases the mapping."""
-        if math.prod(self.shape) == 0:
-            return np.zeros(self.shape, self.dtype)
-        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
-
-
-def read_safetensors_index(path: pathlib.Path) -> dict[str, TensorInfo]:
-    """Every tensor's dtype, shape and location, from the header alone."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        return {
-            name: TensorInfo(
-                path, np.dtype(SAFETENSORS_DTYPES[h["dtype"]]), tuple(h["shape"]), 8 + length + h["data_offsets"][0]
-            )
-            for name, h in header.items()
-        }
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def plan_shards(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[int]]:
-    """Tensors (in order) grouped into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, (_, shape, dtype) in enumerate(specs):
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += nbytes
-    return shards
-
-
-def write_safetensors_shards(
-    specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-    get: Callable[[str], np.ndarray],
-    out_dir: pathlib.Path,
-    max_shard_bytes: int,
-) -> None:
-    """`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, holding one tensor at a time."""
-    shards = plan_shards(specs, max_shard_bytes)
-    weight_map, total = {}, 0
-    for s, members in enumerate(shards, start=1):
-        name = f"model-{s:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for i in members:
-            key, shape, dtype = specs[i]
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-            header[key] = {
-                "dtype": _DTYPE_NAMES[np.dtype(dtype)],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-            weight_map[key] = name
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        with open(out_dir / name, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            for i in members:
-                key, shape, dtype = specs[i]
-                array = np.ascontiguousarray(get(key))
-                if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-                    raise ValueError(f"{key}: got {array.dtype}{array.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
-                f.write(memoryview(array.reshape(-1).view(np.uint8)))
-        total += offset
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def export_hf(
     params: Mapping,
     cfg: ModelConfig,
     out_dir: pathlib.Path,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 10**9,
-    generation: Mapping[str, int | None] | None = None,
+    generation: Mapping | None = None,
 ) -> None:
     """An HF `LlamaForCausalLM` folder: sharded safetensors + index, config.json, generation_config.json.
 
     `params` is our parameter tree; its stacked leaves only need `[i]` indexing, so a lazy reader that
-    loads one layer slice at a time keeps memory at one tensor. `generation` holds bos/eos/pad token ids.
+    loads one layer slice at a time keeps memory at one tensor. `generation` is generation_config.json's
+    content; its bos/eos/pad token ids also go into config.json.
     """
     rows = {name: (rule, i) for name, rule, i in hf_names(cfg)}
 
@@ -272,44 +191,59 @@ def export_hf(
     specs = [spec(name) for name in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors_shards(specs, get, out_dir, max_shard_bytes)
-    ids = {k: v for k, v in (generation or {}).items() if v is not None}
+    generation = {k: v for k, v in (generation or {}).items() if v is not None}
+    ids = {k: v for k, v in generation.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = {**cfg.to_hf(), **ids, "torch_dtype": str(specs[0][2])}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def hf_weight_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The safetensors files of an HF folder: from its index, or the single/sharded files themselves."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-        missing = [n for n in names if not (hf_dir / n).is_file()]
-        if missing:
-            raise UserError(f"{index}: names shard {missing[0]!r}, which is not in {hf_dir}")
-        return [hf_dir / n for n in names]
-    files = sorted(hf_dir.glob("model*.safetensors"))
-    if not files:
-        raise UserError(f"{hf_dir}: no model.safetensors, model-*.safetensors or model.safetensors.index.json")
-    return files
-
-
-def convert_hf_to_jax(hf_dir: pathlib.Path, out_dir: pathlib.Path, dtype: str | None = None) -> ModelConfig:
-    """HF folder -> `out_dir/params` (orbax) + `model_config.json`, one tensor in memory at a time."""
+def _read_json(path: pathlib.Path) -> dict:
     try:
-        cfg = ModelConfig.from_hf(json.loads((hf_dir / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{hf_dir / 'config.json'}: cannot read ({type(e).__name__}: {e})") from None
-    tensors: dict[str, TensorInfo] = {}
-    for file in hf_weight_files(hf_dir):
-        tensors.update(read_safetensors_index(file))
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _tokenizer_of(folder: pathlib.Path, cfg: ModelConfig) -> Tokenizer | None:
+    """The folder's tokenizer, checked against the model's vocabulary; None (with a warning) if it has none."""
+    if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        log.warning("%s has no tokenizer.model or tokenizer.json; the output will have no tokenizer", folder)
+        return None
+    tokenizer = load_tokenizer(folder)
+    check_vocab(tokenizer, cfg.vocab_size, str(folder))
+    return tokenizer
+
+
+def _copy_along(tokenizer: Tokenizer | None, out_dir: pathlib.Path, for_transformers: bool = False) -> None:
+    """The tokenizer files, as they are; for transformers, a SentencePiece model also gets a matching tokenizer.json."""
+    if tokenizer is None:
+        return
+    rewrite = for_transformers and isinstance(tokenizer, SentencePieceTokenizer)
+    for file in tokenizer.files:
+        if not (rewrite and file.name in ("tokenizer.json", "tokenizer_config.json")):
+            shutil.copy2(file, out_dir / file.name)
+    if rewrite:
+        config = tokenizer.files[0].parent / "tokenizer_config.json"
+        write_hf_tokenizer_json(tokenizer, out_dir, _read_json(config) if config.is_file() else {})
+
+
+def convert_hf_to_jax(
+    hf_dir: pathlib.Path, out_dir: pathlib.Path, dtype: str | None = None, overwrite: bool = False
+) -> ModelConfig:
+    """HF folder -> `out_dir/params` (orbax) + `model_config.json` + tokenizer, one tensor in memory at a time."""
+    hf_dir = pathlib.Path(hf_dir)
+    try:
+        cfg = ModelConfig.from_hf(_read_json(hf_dir / "config.json"))
+    except UserError as e:
+        raise UserError(f"{hf_dir}: {e}" if str(e).startswith("config.json") else str(e)) from None
+    tensors = read_hf_tensors(hf_dir)
     embed = "model.embed_tokens.weight"
     tied_equal = lambda: np.array_equal(tensors[TIED_HEAD].read(), tensors[embed].read())  # noqa: E731
     check_tensors({k: t.shape for k, t in tensors.items()}, cfg, tied_equal)
-
-    from mellama_jax.checkpoint import Stacked, save_params
+    tokenizer = _tokenizer_of(hf_dir, cfg)
 
     shapes, tree = param_shapes(cfg), {}
     for rule in rules(cfg):
@@ -320,7 +254,52 @@ def convert_hf_to_jax(hf_dir: pathlib.Path, out_dir: pathlib.Path, dtype: str | 
             _set(tree, rule.path, Stacked(tuple(full), out_dtype, read))
         else:
             _set(tree, rule.path, np.array(to_ours(rule, tensors[rule.hf].read(), full), dtype=out_dtype))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_params(out_dir / "params", tree)
-    (out_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    with staged_output(out_dir, overwrite, inputs=[hf_dir]) as staging:
+        save_params(staging / "params", tree)
+        (staging / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        _copy_along(tokenizer, staging)
+        if (hf_dir / "generation_config.json").is_file():
+            shutil.copy2(hf_dir / "generation_config.json", staging)
+    return cfg
+
+
+def convert_jax_to_hf(
+    ckpt_dir: pathlib.Path,
+    out_dir: pathlib.Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+) -> ModelConfig:
+    """A CKPT_DIR (converted checkpoint or training run, latest complete step) -> an HF folder, layer by layer."""
+    ckpt_dir = pathlib.Path(ckpt_dir)
+    try:
+        cfg = ModelConfig(**_read_json(ckpt_dir / "model_config.json"))
+    except TypeError as e:
+        raise UserError(f"{ckpt_dir / 'model_config.json'}: {e}") from None
+    item_dir, subtree = find_params(ckpt_dir)
+    try:
+        params = stored_arrays(item_dir, subtree)
+    except (KeyError, FileNotFoundError) as e:
+        raise UserError(f"{item_dir}: no saved params ({type(e).__name__}: {e})") from None
+    expected = param_shapes(cfg)
+    for rule in rules(cfg):
+        where, want = f"{item_dir}: parameter {'/'.join(rule.path)}", _get(expected, rule.path).shape
+        try:
+            shape = _get(params, rule.path).shape
+        except KeyError:
+            raise UserError(f"{where} is missing") from None
+        if shape != want:
+            raise UserError(f"{where} has shape {shape}, model_config.json expects {want}")
+    tokenizer = _tokenizer_of(ckpt_dir, cfg)
+    saved = ckpt_dir / "generation_config.json"
+    if saved.is_file():
+        generation = _read_json(saved)
+    elif tokenizer:
+        ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        generation = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids, strict=True))
+    else:
+        generation = {}
+    with staged_output(out_dir, overwrite, inputs=[ckpt_dir]) as staging:
+        export_hf(params, cfg, staging, dtype, max_shard_bytes, generation)
+        _copy_along(tokenizer, staging, for_transformers=True)
     return cfg

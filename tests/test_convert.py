@@ -12,7 +12,8 @@ from test_hf_parity import BASE, CONFIGS, LOGIT_TOL, reference_model
 from mellama_jax.checkpoint import restore_params
 from mellama_jax.config import ModelConfig
 from mellama_jax.errors import UserError
-from mellama_jax.hf import convert_hf_to_jax, export_hf, hf_weight_files, read_safetensors_index
+from mellama_jax.hf import convert_hf_to_jax, export_hf
+from mellama_jax.hf_files import hf_weight_files, read_safetensors_index
 from mellama_jax.model import with_params
 
 torch = pytest.importorskip("torch")

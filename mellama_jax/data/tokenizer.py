@@ -163,3 +163,67 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: int, where: str) -> None:
         raise UserError(
             f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_vocab}"
         )
+
+
+def write_hf_tokenizer_json(tokenizer: SentencePieceTokenizer, out_dir: pathlib.Path, base_config: dict) -> None:
+    """`tokenizer.json` + `tokenizer_config.json` that make `AutoTokenizer` give SentencePiece's exact ids.
+
+    transformers 5 rebuilds `LlamaTokenizer(Fast)` from the vocab with its own whitespace handling, which
+    differs from SentencePiece on leading and repeated spaces; a `PreTrainedTokenizerFast` loads our
+    `tokenizer.json` untouched. The file mirrors the model's settings: dummy prefix, spaces escaped to
+    "▁", BPE merges ranked by the merged piece's score, byte fallback, BOS/EOS from the checkpoint.
+    `split_special_tokens` keeps a literal "</s>" in text as text, as SentencePiece does. Settings that
+    do not change ids (chat template, length, padding side) are kept from `base_config`.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken, decoders, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizerFile
+    from tokenizers.models import BPE
+
+    proto = pb.ModelProto.FromString(tokenizer.sp.serialized_model_proto())
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    kinds = {p.type for p in proto.pieces}
+    if (
+        trainer.model_type != pb.TrainerSpec.BPE
+        or norm.precompiled_charsmap
+        or norm.remove_extra_whitespaces
+        or not norm.add_dummy_prefix
+        or trainer.treat_whitespace_as_suffix
+        or pb.ModelProto.SentencePiece.USER_DEFINED in kinds
+        or tokenizer.bos_id is None
+        or tokenizer.eos_id is None
+    ):
+        raise UserError(f"{tokenizer.files[0]}: only LLaMA-style SentencePiece BPE models export as tokenizer.json")
+    normal_kind = pb.ModelProto.SentencePiece.NORMAL
+    normal = {p.piece: (-p.score, i) for i, p in enumerate(proto.pieces) if p.type == normal_kind}
+    ranked = sorted(
+        (rank, piece[:k], piece[k:])
+        for piece, rank in normal.items()
+        for k in range(1, len(piece))
+        if piece[:k] in normal and piece[k:] in normal
+    )
+    unk = proto.pieces[trainer.unk_id].piece
+    bos, eos = tokenizer.sp.id_to_piece(tokenizer.bos_id), tokenizer.sp.id_to_piece(tokenizer.eos_id)
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = [(left, right) for _, left, right in ranked]
+    out = HFTokenizerFile(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=trainer.byte_fallback))
+    out.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    out.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    single = [f"{bos}:0"] * tokenizer.add_bos + ["$A:0"] + [f"{eos}:0"] * tokenizer.add_eos
+    specials = [(t, vocab[t]) for t, on in ((bos, tokenizer.add_bos), (eos, tokenizer.add_eos)) if on]
+    out.post_processor = processors.TemplateProcessing(single=" ".join(single), special_tokens=specials)
+    out.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((unk, bos, eos))])
+    out.save(str(out_dir / "tokenizer.json"))
+    config = {
+        **{k: base_config[k] for k in ("chat_template", "model_max_length", "padding_side") if k in base_config},
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{f"{k}_token": v for k, v in (("bos", bos), ("eos", eos), ("unk", unk))},
+        "pad_token": None if tokenizer.pad_id is None else tokenizer.sp.id_to_piece(tokenizer.pad_id),
+        "add_bos_token": tokenizer.add_bos,
+        "add_eos_token": tokenizer.add_eos,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,186 @@
+"""Hugging Face weight files, read and written one tensor at a time: safetensors, and legacy `.bin`.
+
+safetensors: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+then raw little-endian bytes. We read it ourselves because the `safetensors` numpy API has no bf16,
+and one memmap per tensor (released after use) keeps resident memory at one tensor, not one shard.
+Legacy `pytorch_model*.bin` files are opened only with `torch.load(weights_only=True, mmap=True)`,
+which refuses to unpickle anything but tensors and containers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import struct
+from collections.abc import Callable, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from mellama_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: pathlib.Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+    def read(self) -> np.ndarray:
+        """The tensor, memory-mapped read-only; dropping it releases the mapping."""
+        if math.prod(self.shape) == 0:
+            return np.zeros(self.shape, self.dtype)
+        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+
+
+def read_safetensors_index(path: pathlib.Path) -> dict[str, TensorInfo]:
+    """Every tensor's dtype, shape and location, from the header alone."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {
+            name: TensorInfo(
+                path, np.dtype(SAFETENSORS_DTYPES[h["dtype"]]), tuple(h["shape"]), 8 + length + h["data_offsets"][0]
+            )
+            for name, h in header.items()
+        }
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def plan_shards(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[int]]:
+    """Tensors (in order) grouped into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(specs):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def write_safetensors_shards(
+    specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+    get: Callable[[str], np.ndarray],
+    out_dir: pathlib.Path,
+    max_shard_bytes: int,
+) -> None:
+    """`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, holding one tensor at a time."""
+    shards = plan_shards(specs, max_shard_bytes)
+    weight_map, total = {}, 0
+    for s, members in enumerate(shards, start=1):
+        name = f"model-{s:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for i in members:
+            key, shape, dtype = specs[i]
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            header[key] = {
+                "dtype": _DTYPE_NAMES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+            weight_map[key] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with open(out_dir / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for i in members:
+                key, shape, dtype = specs[i]
+                array = np.ascontiguousarray(get(key))
+                if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                    raise ValueError(f"{key}: got {array.dtype}{array.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        total += offset
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTensor:
+    """A tensor of a memory-mapped legacy `.bin` state dict."""
+
+    tensor: object  # torch.Tensor; torch is an optional extra, imported only to read `.bin` files
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.read().dtype
+
+    def read(self) -> np.ndarray:
+        import torch
+
+        t = self.tensor
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _read_torch_bin(path: pathlib.Path) -> dict[str, TorchTensor]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path}: reading legacy .bin weights needs torch: pip install 'mellama-jax[hf]'") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...) for unsafe or bad files
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+        raise UserError(f"{path}: not a tensors-only PyTorch state dict, refused ({reason[:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a flat dict of tensors")
+    return {name: TorchTensor(tensor) for name, tensor in state.items()}
+
+
+def _indexed_files(hf_dir: pathlib.Path, index_name: str, pattern: str) -> list[pathlib.Path]:
+    index = hf_dir / index_name
+    if not index.is_file():
+        return sorted(hf_dir.glob(pattern))
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise UserError(f"{index}: not a weights index ({type(e).__name__}: {e})") from None
+    missing = [n for n in names if not (hf_dir / n).is_file()]
+    if missing:
+        raise UserError(f"{index}: names shard {missing[0]!r}, which is not in {hf_dir}")
+    return [hf_dir / n for n in names]
+
+
+def hf_weight_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The weight files of an HF folder: safetensors (from the index, or the files themselves), else `.bin`."""
+    files = _indexed_files(hf_dir, "model.safetensors.index.json", "model*.safetensors")
+    if not files:
+        files = _indexed_files(hf_dir, "pytorch_model.bin.index.json", "pytorch_model*.bin")
+    if not files:
+        raise UserError(f"{hf_dir}: no model.safetensors, model-*.safetensors or pytorch_model*.bin weights")
+    return files
+
+
+def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, TensorInfo | TorchTensor]:
+    """Every tensor of an HF folder, by name, as a lazy handle with `shape`, `dtype` and `read()`."""
+    tensors: dict[str, TensorInfo | TorchTensor] = {}
+    for file in hf_weight_files(hf_dir):
+        if file.suffix == ".bin":
+            log.warning("%s: legacy PyTorch weights, read with torch.load(weights_only=True)", file.name)
+            tensors.update(_read_torch_bin(file))
+        else:
+            tensors.update(read_safetensors_index(file))
+    return tensors
