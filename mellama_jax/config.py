@@ -116,8 +116,8 @@ _HF_FIELDS = {
 # Attributes that describe the file, the tokenizer or torch runtime, not the function the model computes.
 _HF_IGNORED = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "bos_token_id", "eos_token_id", "pad_token_id", "pretraining_tp", "output_attentions",
-    "output_hidden_states", "return_dict", "tokenizer_class", "chunk_size_feed_forward",
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "pretraining_tp",
+    "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "chunk_size_feed_forward",
     "is_encoder_decoder", "id2label", "label2id", "problem_type", "tf_legacy_loss", "use_bfloat16",
 }  # fmt: skip
 # Attributes we accept only at the value that means "the plain LLaMA computation".
