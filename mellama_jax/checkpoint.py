@@ -42,7 +42,7 @@ class _StackedHandler(th.NumpyHandler):
         return "np.ndarray"  # stored as a plain array: restores like any other
 
     async def _write(self, values, infos, args) -> None:
-        for value, info, arg in zip(values, infos, args, strict=True):  # one slice in flight at a time
+        for value, info, arg in zip(values, infos, args, strict=True):
             await info.await_path_creation()
             ocdbt = info.is_ocdbt_checkpoint
             spec = th.get_json_tspec_write(
@@ -57,11 +57,16 @@ class _StackedHandler(th.NumpyHandler):
             if jax.process_index() != 0:
                 continue
             array = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+            writing = None  # slice i is made while slice i-1 is written: two in memory at most
             for i in range(value.shape[0]):
                 piece = np.asarray(value.get_slice(i), dtype=value.dtype)
                 if piece.shape != value.shape[1:]:
                     raise ValueError(f"{info.name}[{i}]: shape {piece.shape}, expected {value.shape[1:]}")
-                await array[i].write(piece, can_reference_source_data_indefinitely=True)
+                if writing is not None:
+                    await writing
+                writing = array[i].write(piece, can_reference_source_data_indefinitely=True)
+            if writing is not None:
+                await writing
 
     async def serialize(self, values, infos, args=None):
         args = args or [th.SaveArgs()] * len(values)
@@ -116,7 +121,9 @@ def stored_arrays(item_dir: pathlib.Path, subtree: tuple[str, ...] = ()) -> dict
     context = th.get_ts_context(use_ocdbt=ocdbt)
 
     def open_leaf(meta) -> StoredArray:
-        info = th.ParamInfo(name=meta.name, parent_dir=item_dir, is_ocdbt_checkpoint=ocdbt, use_zarr3=zarr3)
+        info = th.ParamInfo(
+            name=meta.name, parent_dir=item_dir, is_ocdbt_checkpoint=ocdbt, use_zarr3=zarr3, ts_context=context
+        )
         spec = th.get_json_tspec_read(info, use_ocdbt=ocdbt)
         return StoredArray(ts.open(spec, open=True, read=True, context=context).result())
 

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter(f"mellama {args.command}: %(levelname)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # libraries (absl) may configure the root logger; print ours once
     try:
         args.run(args)
     except UserError as e:
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         logger.removeHandler(handler)
+        logger.propagate = True
     return 0
 
 

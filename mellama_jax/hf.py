@@ -104,10 +104,19 @@ def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape if rule.n_in is None else (math.prod(shape[rule.n_in :]), math.prod(shape[: rule.n_in]))
 
 
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor this config has, with its HF shape."""
+    ours = param_shapes(cfg)
+    shapes = {}
+    for name, rule, i in hf_names(cfg):
+        full = _get(ours, rule.path).shape
+        shapes[name] = _hf_shape(rule, full if i is None else full[1:])
+    return shapes
+
+
 def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, tied_head_equal: Callable[[], bool]) -> None:
     """Refuses a missing, unexpected or wrongly shaped HF tensor, naming it; needs only shapes, no data."""
-    ours = param_shapes(cfg)
-    expected = {name: (rule, i) for name, rule, i in hf_names(cfg)}
+    expected = hf_shapes(cfg)
     extra = set(shapes) - set(expected)
     if cfg.tie_embeddings and TIED_HEAD in extra:
         if not tied_head_equal():
@@ -118,9 +127,7 @@ def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, tied_
     missing = set(expected) - set(shapes)
     if missing:
         raise UserError(f"missing tensor {sorted(missing)[0]!r} ({len(missing)} missing in all)")
-    for name, (rule, i) in expected.items():
-        full = _get(ours, rule.path).shape
-        want = _hf_shape(rule, full if i is None else full[1:])
+    for name, want in expected.items():
         if tuple(shapes[name]) != want:
             raise UserError(f"tensor {name!r} has shape {tuple(shapes[name])}, config expects {want}")
 

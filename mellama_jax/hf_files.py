@@ -9,13 +9,14 @@ which refuses to unpickle anything but tensors and containers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
 import pathlib
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -76,15 +77,29 @@ def plan_shards(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shar
     return shards
 
 
+def _prefetched(make: Callable[[int], np.ndarray], order: Sequence[int]) -> Iterator[np.ndarray]:
+    """`make(i)` for each i in order; the next one is made on a worker thread while the caller uses this one."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = None
+        for i in order:
+            future = pool.submit(make, i)
+            if ahead is not None:
+                yield ahead.result()
+            ahead = future
+        if ahead is not None:
+            yield ahead.result()
+
+
 def write_safetensors_shards(
     specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
     get: Callable[[str], np.ndarray],
     out_dir: pathlib.Path,
     max_shard_bytes: int,
 ) -> None:
-    """`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, holding one tensor at a time."""
+    """`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, holding two tensors at a time."""
     shards = plan_shards(specs, max_shard_bytes)
     weight_map, total = {}, 0
+    arrays = _prefetched(lambda i: np.ascontiguousarray(get(specs[i][0])), [i for m in shards for i in m])
     for s, members in enumerate(shards, start=1):
         name = f"model-{s:05d}-of-{len(shards):05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -104,7 +119,7 @@ def write_safetensors_shards(
             f.write(struct.pack("<Q", len(raw)) + raw)
             for i in members:
                 key, shape, dtype = specs[i]
-                array = np.ascontiguousarray(get(key))
+                array = next(arrays)
                 if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                     raise ValueError(f"{key}: got {array.dtype}{array.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
                 f.write(memoryview(array.reshape(-1).view(np.uint8)))

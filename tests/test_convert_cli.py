@@ -203,6 +203,11 @@ def test_jax_to_hf_refusals_are_one_line(tmp_path, capsys, hf_source):
     code, err = cli(capsys, "jax-to-hf", tmp_path / "ours", tmp_path / "back")
     assert code == 2 and len(err.splitlines()) == 1
     assert "parameter layers/mlp/gate has shape (2, 64, 96), model_config.json expects (2, 64, 100)" in err
+    run = tmp_path / "run"
+    (run / "checkpoints" / "5.orbax-checkpoint-tmp-77").mkdir(parents=True)  # only a save that never finished
+    (run / "model_config.json").write_text(json.dumps(config))
+    code, err = cli(capsys, "jax-to-hf", run, tmp_path / "back")
+    assert code == 2 and err.endswith("checkpoints: no complete checkpoint step\n")
     with pytest.raises(SystemExit):
         main(["convert", "jax-to-hf", str(tmp_path / "ours"), str(tmp_path / "back"), "--max-shard-size", "5 parsecs"])
     assert "expected a size like 5GB" in capsys.readouterr().err
