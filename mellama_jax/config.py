@@ -167,12 +167,53 @@ def _rope_theta(key: str, rope: dict[str, Any] | None) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (sharding.py); one may be -1, meaning "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay; defaults are the paper's CPT recipe (DESIGN §1)."""
+
+    lr: float = 8e-6
+    min_lr: float = 0.0
+    warmup_ratio: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 1e-5
+    decay_vectors: bool = False  # decay 1-D params (RMSNorm scales) too; matrices are always decayed
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UserError(f"optim.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A run: the model and the batch shape (optimiser, mesh and data sections join as they land)."""
+    """A run: model, batch shape, optimiser and mesh (the data section joins when it lands)."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig.llama2_13b)
     seq_len: int = 4096
     global_batch: int = 1024  # sequences per optimiser step: 1024 x 4096 ≈ 4M tokens (DESIGN §1)
+    micro_batches: int = 16  # gradient accumulation: the paper's 16
+    steps: int = 30_000  # optimiser steps; 129B tokens / 4M per step ≈ 30.8K (one epoch)
+    seed: int = 0
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.micro_batches < 1 or self.global_batch % self.micro_batches:
+            raise UserError(
+                f"need steps >= 1 and micro_batches ({self.micro_batches}) dividing global_batch ({self.global_batch})"
+            )
 
 
 PRESETS = ("llama2_7b", "llama2_13b", "llama2_70b", "tiny")

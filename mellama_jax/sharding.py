@@ -1,0 +1,79 @@
+"""Meshes and shardings: the model names its axes logically; this table alone places them on the mesh.
+
+Mesh axes: `data` (pure data parallel: replicas), `fsdp` (data parallel whose replicas each hold a
+slice of every parameter and optimizer state, ZeRO-3 style), `tensor` (Megatron-style splits of
+heads, MLP width and vocabulary). The batch is split over data × fsdp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mellama_jax.config import MeshConfig
+from mellama_jax.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+RULES = {  # logical axis -> mesh axes (None: replicated)
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "length": None,
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A data × fsdp × tensor mesh over `devices` (default: all); one size may be -1, meaning "the rest"."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise UserError(
+            f"mesh: sizes must be positive, with at most one -1; got data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+        raise UserError(f"mesh: data×fsdp×tensor = {known} does not divide the {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise UserError(f"mesh: data×fsdp×tensor = {math.prod(sizes)} but there are {len(devices)} devices")
+    grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def spec(names: Sequence[str | None]) -> PartitionSpec:
+    """Logical axis names -> a PartitionSpec over mesh axes."""
+    return PartitionSpec(*(RULES[n] if n is not None else None for n in names))
+
+
+def _check_divides(path: str, shape: tuple[int, ...], pspec: PartitionSpec, mesh: Mesh) -> None:
+    for dim, axes in zip(shape, pspec, strict=False):
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        size = math.prod(mesh.shape[a] for a in axes)
+        if dim % size:
+            raise UserError(f"sharding: {path} has a dimension of {dim}, which mesh axes {axes} ({size}) do not divide")
+
+
+def shardings(shapes, logical_specs, mesh: Mesh):
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) whose logical names are `logical_specs`."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+
+    def one(path, logical, leaf):
+        pspec = spec(tuple(logical))
+        _check_divides(jax.tree_util.keystr(path, simple=True, separator="/"), leaf.shape, pspec, mesh)
+        return NamedSharding(mesh, pspec)
+
+    return jax.tree_util.tree_map_with_path(one, logical_specs, shapes, is_leaf=is_spec)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, T] arrays: rows split over data × fsdp, tokens kept together."""
+    return NamedSharding(mesh, spec(("batch", "length")))

@@ -1,0 +1,151 @@
+"""The pure, sharded training step: TrainState in, TrainState and metrics out.
+
+Precision: fp32 master params and AdamW state, compute in `model.dtype` (bf16 for real runs), logits
+and loss in fp32. A step accumulates gradients over `micro_batches` slices of the global batch and
+divides by the number of target tokens in the whole batch, so it equals one big-batch step exactly
+(up to summation order). A step whose gradients are not finite changes nothing but `skipped`.
+
+Batches are dicts of [B, T] int arrays: `tokens`, `positions`, `segment_ids` (0 = padding) and
+`loss_mask` (1 where the token is a training target). Token t+1 is the target at position t, never
+across a document boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mellama_jax.config import TrainConfig
+from mellama_jax.model import Llama, abstract_model, with_params
+from mellama_jax.sharding import batch_sharding, shardings
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # [] int32, optimiser steps taken (skipped ones included)
+    params: dict  # nested dict, as `nnx.to_pure_dict` gives it
+    opt_state: optax.OptState
+    rng: jax.Array  # a raw uint32 PRNG key, for stochastic parts of training
+    skipped: jax.Array  # [] int32, steps whose gradients were not finite (not applied)
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `min_lr`."""
+    o = cfg.optim
+    warmup = round(o.warmup_ratio * cfg.steps)
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(cfg.steps, warmup + 1), o.min_lr)
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Clip, then AdamW's direction with decoupled weight decay; `train_step` scales it by the schedule.
+
+    The learning rate follows `TrainState.step` (skipped steps included), not the optimizer's own
+    count, so a skipped step neither advances Adam's bias correction nor shifts the schedule.
+    """
+    o = cfg.optim
+
+    def decay_mask(params):  # RMSNorm scales (paths ending in "scale") are decayed only if asked
+        return jax.tree_util.tree_map_with_path(lambda path, _: o.decay_vectors or path[-1].key != "scale", params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.scale_by_adam(o.b1, o.b2, o.eps),
+        optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+    )
+
+
+def loss_sums(cfg: TrainConfig, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token cross-entropy over target tokens, number of target tokens), in fp32."""
+    tokens, segments = batch["tokens"], batch["segment_ids"]
+    logits, _ = with_params(cfg.model, params)(tokens, batch["positions"], segments)
+    targets = jnp.roll(tokens, -1, axis=1)
+    same_doc = (jnp.roll(segments, -1, axis=1) == segments) & (segments != 0)
+    not_last = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
+    weight = (jnp.roll(batch["loss_mask"], -1, axis=1) != 0) & same_doc & not_last
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    weight = weight.astype(jnp.float32)
+    return (ce * weight).sum(), weight.sum()
+
+
+def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimiser step over the global batch, accumulated over `cfg.micro_batches` slices."""
+    m = cfg.micro_batches
+    # Row r goes to micro-batch r % m: each device's rows stay on it, whatever the batch sharding.
+    micro = jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, mb):
+        grads, loss_sum, count = carry
+        (s, n), g = jax.value_and_grad(lambda p: loss_sums(cfg, p, mb), has_aux=True)(state.params)
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    grad_norm = optax.tree.norm(grads)
+    lr = schedule(cfg)(state.step)
+    direction, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
+
+    finite = jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss_sum / count,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "target_tokens": count,
+        "skipped": new_state.skipped,
+    }
+    return new_state, metrics
+
+
+def _init(cfg: TrainConfig, seed: jax.Array) -> TrainState:
+    key = jax.random.PRNGKey(seed)
+    init_key, rng = jax.random.split(key)
+    params = nnx.to_pure_dict(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(init_key)), nnx.Param))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer(cfg).init(params), rng=rng, skipped=zero)
+
+
+def state_shardings(cfg: TrainConfig, mesh: Mesh):
+    """NamedShardings for every TrainState leaf: params and their AdamW moments by logical name, the rest replicated."""
+    abstract = jax.eval_shape(functools.partial(_init, cfg), 0)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model(cfg.model), nnx.Param)))
+    params = shardings(abstract.params, logical, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = optax.tree_map_params(
+        optimizer(cfg), lambda _, s: s, abstract.opt_state, params, transform_non_params=lambda _: replicated
+    )
+    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated, skipped=replicated)
+
+
+def init_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
+    """A fresh TrainState created already sharded: no parameter is ever whole on one device."""
+    init = jax.jit(functools.partial(_init, cfg), out_shardings=state_shardings(cfg, mesh))
+    return init(cfg.seed)
+
+
+def compile_step(cfg: TrainConfig, mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`train_step` jitted with explicit shardings; the input state is donated (updated in place)."""
+    state_sh = state_shardings(cfg, mesh)
+    batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        functools.partial(train_step, cfg),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
