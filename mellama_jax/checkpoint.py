@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Callable
 
@@ -26,6 +27,8 @@ import tensorstore as ts
 from orbax.checkpoint import type_handlers as th
 
 from mellama_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,3 +144,28 @@ def find_params(ckpt_dir: pathlib.Path) -> tuple[pathlib.Path, tuple[str, ...]]:
             return ckpt_dir / "checkpoints" / str(max(steps)) / "state", ("params",)
         raise UserError(f"{ckpt_dir / 'checkpoints'}: no complete checkpoint step")
     raise UserError(f"{ckpt_dir}: not a converted checkpoint (params/) or a training run (checkpoints/)")
+
+
+def run_manager(run_dir: pathlib.Path, every: int, keep: int) -> ocp.CheckpointManager:
+    """Async checkpoints in `run_dir/checkpoints`: one every `every` steps, the last `keep` kept."""
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "checkpoints", options=options)
+
+
+def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False) -> bool:
+    """Starts saving the train state and the data iterator's state at `step` (in the background)."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    return manager.save(step, args=args, force=force)
+
+
+def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, object, dict] | None:
+    """The latest complete step that restores, resharded as `abstract_state`'s shardings say; older on failure."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as e:  # a damaged checkpoint: orbax/tensorstore raise many types
+            log.warning("checkpoint step %d does not restore (%s); trying the one before", step, str(e)[:200])
+            continue
+        return step, restored.state, restored.data
+    return None

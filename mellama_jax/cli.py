@@ -51,6 +51,16 @@ def _jax_to_hf(args: argparse.Namespace) -> None:
     print(f"exported {args.ckpt_dir} to {args.out_hf_dir}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from mellama_jax.config import load_config
+    from mellama_jax.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    rows = train(cfg)
+    if rows:
+        print(f"{cfg.run_dir}: step {rows[-1]['step']}, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
+
+
 def _add_convert(commands) -> None:
     convert = commands.add_parser("convert", help="Hugging Face <-> our checkpoints, streamed tensor by tensor")
     directions = convert.add_subparsers(dest="direction", required=True)
@@ -79,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     plan.set_defaults(run=_plan)
     _add_convert(commands)
+    train = commands.add_parser("train", help="continued pre-training; resumes the latest checkpoint in run_dir")
+    train.add_argument("--config", help="YAML holding only differences from the defaults")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    train.set_defaults(run=_train)
     return parser
 
 

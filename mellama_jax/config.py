@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from collections.abc import Sequence
@@ -206,10 +207,18 @@ class TrainConfig:
     micro_batches: int = 16  # gradient accumulation: the paper's 16
     steps: int = 30_000  # optimiser steps; 129B tokens / 4M per step ≈ 30.8K (one epoch)
     seed: int = 0
+    run_dir: str = "runs/me-llama"  # checkpoints, metrics.jsonl, TensorBoard logs, loss.png; resumed if present
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    init_from: str = ""  # a converted checkpoint (CPT from LLaMA-2); empty: random init
+    data: str = "synthetic"  # the built-in counting corpus (data/synthetic.py); corpora join with the data issue
+    peak_tflops: float = 0.0  # per device, for MFU; 0: from the device kind (A100 312, H100 989)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
+        if self.data != "synthetic":
+            raise UserError(f"data: only 'synthetic' is built in so far, got {self.data!r}")
         if self.steps < 1 or self.micro_batches < 1 or self.global_batch % self.micro_batches:
             raise UserError(
                 f"need steps >= 1 and micro_batches ({self.micro_batches}) dividing global_batch ({self.global_batch})"
@@ -266,6 +275,9 @@ def _build(base: Any, raw: dict[str, Any], where: str, prefix: str):
         else:
             if kind is float and type(value) is int:
                 value = float(value)
+            if kind is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+                with contextlib.suppress(ValueError):
+                    value = float(value)
             if type(value) is not kind:  # exact: YAML's `true` must not pass as an int
                 raise UserError(f"{where}: {prefix + key!r} must be {kind.__name__}, got {value!r}")
             kwargs[key] = value

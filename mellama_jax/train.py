@@ -12,18 +12,32 @@ across a document boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import logging
+import pathlib
+import signal
+import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+import tqdm
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mellama_jax.checkpoint import find_params, restore_params, restore_run, run_manager, save_run
 from mellama_jax.config import TrainConfig
+from mellama_jax.data.synthetic import CountingBatches
+from mellama_jax.errors import UserError
+from mellama_jax.metrics_log import MetricsLog
 from mellama_jax.model import Llama, abstract_model, with_params
-from mellama_jax.sharding import batch_sharding, shardings
+from mellama_jax.plan import train_flops_per_token
+from mellama_jax.sharding import batch_sharding, make_mesh, shardings
+
+log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -149,3 +163,83 @@ def compile_step(cfg: TrainConfig, mesh: Mesh) -> Callable[[TrainState, dict], t
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
     )
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per device
+
+
+def _peak_flops(cfg: TrainConfig) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
+
+
+def _start(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, TrainState]:
+    """Resume from the latest complete checkpoint, else start fresh (from `init_from`'s params if given)."""
+    shardings = state_shardings(cfg, mesh)
+    shapes = jax.eval_shape(functools.partial(_init, cfg), 0)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    restored = restore_run(manager, abstract)
+    if restored is not None:
+        step, state, data_state = restored
+        data.set_state(data_state)
+        log.info("resumed %s at step %d", cfg.run_dir, step)
+        return step, state
+    state = init_state(cfg, mesh)
+    if cfg.init_from:
+        item_dir, subtree = find_params(pathlib.Path(cfg.init_from))
+        try:
+            params = restore_params(item_dir, target=abstract.params) if not subtree else None
+        except ValueError as e:
+            raise UserError(f"init_from {cfg.init_from}: does not fit model config ({str(e)[:200]})") from None
+        if params is None:
+            raise UserError(f"init_from {cfg.init_from}: expected a converted checkpoint (params/), not a run")
+        state = state.replace(params=params)
+    return 0, state
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Runs (or resumes) `cfg` to `cfg.steps`; SIGTERM/SIGINT save a final checkpoint and stop cleanly."""
+    run_dir, lead = pathlib.Path(cfg.run_dir), jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh)
+    rows = cfg.global_batch // jax.process_count()
+    data = CountingBatches(cfg.model.vocab_size, cfg.seq_len, rows, cfg.seed, jax.process_index())
+    manager = run_manager(run_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
+    start, state = _start(cfg, mesh, manager, data)
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg.model), indent=2) + "\n")
+    step_fn, batch_sh = compile_step(cfg, mesh), batch_sharding(mesh)
+    metrics_log = MetricsLog(run_dir, start, enabled=lead)
+    stop: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    flops, peak = train_flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch * cfg.seq_len, _peak_flops(cfg)
+    bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not lead, unit="step")
+    try:
+        for step in range(start, cfg.steps):
+            tick = time.perf_counter()
+            local = next(data)
+            batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+            state, metrics = step_fn(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - tick
+            row = {"step": step + 1, **metrics, "tokens_per_s": cfg.global_batch * cfg.seq_len / seconds}
+            row["mfu"] = flops / seconds / (peak * jax.device_count()) if peak else None
+            metrics_log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=row["mfu"])
+            bar.update()
+            last = step + 1 == cfg.steps or bool(stop)
+            save_run(manager, step + 1, state, data.get_state(), force=last)
+            if stop:
+                log.warning("signal %d: saved step %d, stopping", stop[0], step + 1)
+                break
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        metrics_log.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return metrics_log.rows

@@ -33,9 +33,9 @@ def test_every_shipped_config_loads(path):
 def test_yaml_holds_only_differences_and_overrides_win(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  preset: tiny\n  rope_theta: 500000\nseq_len: 64\n")
-    cfg = load_config(str(path), ["model.n_layers=3", "global_batch=4"])
+    cfg = load_config(str(path), ["model.n_layers=3", "global_batch=4", "micro_batches=2", "optim.lr=1e-4"])
     assert cfg.model == ModelConfig.tiny(rope_theta=500000.0, n_layers=3)
-    assert (cfg.seq_len, cfg.global_batch) == (64, 4)
+    assert (cfg.seq_len, cfg.global_batch, cfg.micro_batches, cfg.optim.lr) == (64, 4, 2, 1e-4)
     assert load_config() == TrainConfig()
 
 
