@@ -25,6 +25,7 @@ from flax import nnx
 from mellama_jax.checkpoint import Stacked, find_params, save_params, stored_arrays
 from mellama_jax.config import ModelConfig
 from mellama_jax.data.tokenizer import (
+    TOKENIZER_MODEL_FILES,
     SentencePieceTokenizer,
     Tokenizer,
     check_vocab,
@@ -168,6 +169,9 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # generation_config.json keys config.json shares
+
+
 def export_hf(
     params: Mapping,
     cfg: ModelConfig,
@@ -200,7 +204,7 @@ def export_hf(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors_shards(specs, get, out_dir, max_shard_bytes)
     generation = {k: v for k, v in (generation or {}).items() if v is not None}
-    ids = {k: v for k, v in generation.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: v for k, v in generation.items() if k in _TOKEN_ID_KEYS}
     config = {**cfg.to_hf(), **ids, "torch_dtype": str(specs[0][2])}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -217,7 +221,7 @@ def _read_json(path: pathlib.Path) -> dict:
 
 def _tokenizer_of(folder: pathlib.Path, cfg: ModelConfig) -> Tokenizer | None:
     """The folder's tokenizer, checked against the model's vocabulary; None (with a warning) if it has none."""
-    if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+    if not any((folder / name).is_file() for name in TOKENIZER_MODEL_FILES):
         log.warning("%s has no tokenizer.model or tokenizer.json; the output will have no tokenizer", folder)
         return None
     tokenizer = load_tokenizer(folder)
@@ -357,7 +361,7 @@ def convert_jax_to_hf(
         generation = _read_json(saved)
     elif tokenizer:
         ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-        generation = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids, strict=True))
+        generation = dict(zip(_TOKEN_ID_KEYS, ids, strict=True))
     else:
         generation = {}
     with staged_output(out_dir, overwrite, inputs=[ckpt_dir]) as staging:

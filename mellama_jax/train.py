@@ -190,13 +190,12 @@ def _start(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, TrainState
     state = init_state(cfg, mesh)
     if cfg.init_from:
         item_dir, subtree = find_params(pathlib.Path(cfg.init_from))
+        if subtree:
+            raise UserError(f"init_from {cfg.init_from}: expected a converted checkpoint (params/), not a run")
         try:
-            params = restore_params(item_dir, target=abstract.params) if not subtree else None
+            state = state.replace(params=restore_params(item_dir, target=abstract.params))
         except ValueError as e:
             raise UserError(f"init_from {cfg.init_from}: does not fit model config ({str(e)[:200]})") from None
-        if params is None:
-            raise UserError(f"init_from {cfg.init_from}: expected a converted checkpoint (params/), not a run")
-        state = state.replace(params=params)
     return 0, state
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from mellama_jax.errors import UserError
 
+# The tokenizer itself, in order of preference in a folder (LLaMA-2's SentencePiece model first).
+TOKENIZER_MODEL_FILES = ("tokenizer.model", "tokenizer.json")
 # What travels with a checkpoint, when present.
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -135,8 +137,7 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
     path = pathlib.Path(path)
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
-        candidates = [path / "tokenizer.model", path / "tokenizer.json"]
-        path = next((c for c in candidates if c.is_file()), None)
+        path = next((path / name for name in TOKENIZER_MODEL_FILES if (path / name).is_file()), None)
         if path is None:
             raise UserError(f"{folder}: no tokenizer.model or tokenizer.json in this folder")
     elif not path.is_file():
