@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from jax.experimental import multihost_utils
 from orbax.checkpoint import type_handlers as th
 
 from mellama_jax.errors import UserError
@@ -85,10 +86,16 @@ def save_params(directory: pathlib.Path, tree: dict) -> None:
 
 
 def restore_params(directory: pathlib.Path, target=None) -> dict:
-    """The saved tree; with a target of ShapeDtypeStructs carrying shardings, placed and resharded accordingly."""
+    """The saved tree: with a target of ShapeDtypeStructs carrying shardings, placed and resharded accordingly;
+    without one, as host numpy arrays (whatever devices or processes wrote it)."""
     directory = pathlib.Path(directory).absolute()
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(directory, target) if target is not None else checkpointer.restore(directory)
+    if target is not None:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(directory, target)
+    tree = ocp.PyTreeCheckpointHandler().metadata(directory).tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,19 +160,54 @@ def run_manager(run_dir: pathlib.Path, every: int, keep: int) -> ocp.CheckpointM
 
 
 def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False) -> bool:
-    """Starts saving the train state and the data iterator's state at `step` (in the background)."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    """Starts saving the train state and the data iterator's state at `step` (in the background).
+
+    Arrays of the layer stack (params and their optimizer moments, [L, ...]) are chunked one layer per
+    chunk, so a reader of one layer (jax-to-hf) reads only that layer.
+    """
+    per_layer = lambda path, _: ocp.SaveArgs(shard_axes=(0,) if "layers" in _keys(path) else ())  # noqa: E731
+    save_args = jax.tree_util.tree_map_with_path(per_layer, state)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state, save_args=save_args), data=ocp.args.JsonSave(data_state)
+    )
     return manager.save(step, args=args, force=force)
 
 
+def _keys(path) -> set[str]:
+    return {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+
+
 def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, object, dict] | None:
-    """The latest complete step that restores, resharded as `abstract_state`'s shardings say; older on failure."""
+    """The latest complete step that restores, resharded as `abstract_state`'s shardings say.
+
+    A step that fails to restore is moved aside to `<step>.unreadable` (kept for inspection, and out of the
+    way of the step's new save), with a warning, and the one before is tried.
+    """
+    restored, moved = None, False
     for step in sorted(manager.all_steps(), reverse=True):
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         try:
-            restored = manager.restore(step, args=args)
+            found = manager.restore(step, args=args)
         except Exception as e:  # a damaged checkpoint: orbax/tensorstore raise many types
-            log.warning("checkpoint step %d does not restore (%s); trying the one before", step, str(e)[:200])
+            folder = pathlib.Path(str(manager.directory)) / str(step)
+            aside = _unused(folder.with_name(f"{step}.unreadable"))
+            log.warning("checkpoint %s does not restore (%s); moved to %s", folder, str(e)[:200], aside.name)
+            if jax.process_index() == 0:
+                folder.rename(aside)
+            moved = True
             continue
-        return step, restored.state, restored.data
-    return None
+        restored = step, found.state, found.data
+        break
+    if moved:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mellama: unreadable checkpoints moved aside")
+        manager.reload()
+    return restored
+
+
+def _unused(path: pathlib.Path) -> pathlib.Path:
+    n = 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{path.name.split('~')[0]}~{n}")
+    return path

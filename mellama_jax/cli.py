@@ -52,12 +52,18 @@ def _jax_to_hf(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    import jax
+
     from mellama_jax.config import load_config
+    from mellama_jax.distributed import initialize
     from mellama_jax.train import train
 
     cfg = load_config(args.config, args.overrides)
+    initialize(cfg.distributed)
+    if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
+        logging.getLogger("mellama_jax").setLevel(logging.WARNING)
     rows = train(cfg)
-    if rows:
+    if rows and jax.process_index() == 0:
         print(f"{cfg.run_dir}: step {rows[-1]['step']}, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
 
 

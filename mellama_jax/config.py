@@ -177,6 +177,15 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (distributed.py). Left empty: SLURM/OpenMPI launches are detected, else one process."""
+
+    coordinator: str = ""  # "host:port" of process 0 (or env JAX_COORDINATOR_ADDRESS)
+    num_processes: int = 0  # 0: from the launcher or env JAX_NUM_PROCESSES
+    process_id: int = -1  # -1: from the launcher or env JAX_PROCESS_ID
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup then cosine decay; defaults are the paper's CPT recipe (DESIGN §1)."""
 
@@ -215,6 +224,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the device kind (A100 312, H100 989)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if self.data != "synthetic":

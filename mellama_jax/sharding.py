@@ -77,3 +77,10 @@ def shardings(shapes, logical_specs, mesh: Mesh):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[B, T] arrays: rows split over data × fsdp, tokens kept together."""
     return NamedSharding(mesh, spec(("batch", "length")))
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """(first row, row count) of the global batch that this process's devices hold: the rows it builds."""
+    held = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1)).values()
+    first = min(rows.start or 0 for rows, _ in held)
+    return first, max(global_batch if rows.stop is None else rows.stop for rows, _ in held) - first

@@ -23,19 +23,22 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import tqdm
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mellama_jax.checkpoint import find_params, restore_params, restore_run, run_manager, save_run
 from mellama_jax.config import TrainConfig
 from mellama_jax.data.synthetic import CountingBatches
+from mellama_jax.distributed import initialize
 from mellama_jax.errors import UserError
 from mellama_jax.metrics_log import MetricsLog
 from mellama_jax.model import Llama, abstract_model, with_params
 from mellama_jax.plan import train_flops_per_token
-from mellama_jax.sharding import batch_sharding, make_mesh, shardings
+from mellama_jax.sharding import batch_sharding, make_mesh, process_rows, shardings
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +179,7 @@ def _peak_flops(cfg: TrainConfig) -> float | None:
     return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
 
 
-def _start(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, TrainState]:
+def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, TrainState]:
     """Resume from the latest complete checkpoint, else start fresh (from `init_from`'s params if given)."""
     shardings = state_shardings(cfg, mesh)
     shapes = jax.eval_shape(functools.partial(_init, cfg), 0)
@@ -199,40 +202,51 @@ def _start(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, TrainState
     return 0, state
 
 
+def _stop_requested(stop: list[int]) -> bool:
+    """Whether any process got SIGTERM/SIGINT: all processes must save and stop at the same step."""
+    if jax.process_count() == 1:
+        return bool(stop)
+    return bool(multihost_utils.process_allgather(np.int32(bool(stop))).any())
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Runs (or resumes) `cfg` to `cfg.steps`; SIGTERM/SIGINT save a final checkpoint and stop cleanly."""
+    initialize(cfg.distributed)
     run_dir, lead = pathlib.Path(cfg.run_dir), jax.process_index() == 0
     mesh = make_mesh(cfg.mesh)
-    rows = cfg.global_batch // jax.process_count()
-    data = CountingBatches(cfg.model.vocab_size, cfg.seq_len, rows, cfg.seed, jax.process_index())
+    first_row, rows = process_rows(mesh, cfg.global_batch)
+    data = CountingBatches(cfg.model.vocab_size, cfg.seq_len, rows, cfg.seed, first_row)
     manager = run_manager(run_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
-    start, state = _start(cfg, mesh, manager, data)
+    start, state = start_state(cfg, mesh, manager, data)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg.model), indent=2) + "\n")
     step_fn, batch_sh = compile_step(cfg, mesh), batch_sharding(mesh)
+    place = lambda local: {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}  # noqa: E731
     metrics_log = MetricsLog(run_dir, start, enabled=lead)
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     flops, peak = train_flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch * cfg.seq_len, _peak_flops(cfg)
     bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not lead, unit="step")
     try:
+        batch, tick = place(next(data)), time.perf_counter()
         for step in range(start, cfg.steps):
-            tick = time.perf_counter()
-            local = next(data)
-            batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch)  # dispatched: the device runs it while the host goes on
+            data_state = data.get_state()  # the position after this step's batch, for its checkpoint
+            if step + 1 < cfg.steps:
+                batch = place(next(data))  # the next batch is built while this step computes
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - tick
+            now = time.perf_counter()
+            seconds, tick = now - tick, now
             row = {"step": step + 1, **metrics, "tokens_per_s": cfg.global_batch * cfg.seq_len / seconds}
             row["mfu"] = flops / seconds / (peak * jax.device_count()) if peak else None
             metrics_log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=row["mfu"])
             bar.update()
-            last = step + 1 == cfg.steps or bool(stop)
-            save_run(manager, step + 1, state, data.get_state(), force=last)
-            if stop:
-                log.warning("signal %d: saved step %d, stopping", stop[0], step + 1)
+            stopping = _stop_requested(stop)
+            save_run(manager, step + 1, state, data_state, force=stopping or step + 1 == cfg.steps)
+            if stopping:
+                log.warning("signal %s: saved step %d, stopping", stop[0] if stop else "on another process", step + 1)
                 break
     finally:
         bar.close()

@@ -1,9 +1,10 @@
 """A built-in corpus for demos and tests: packed rows of "counting" documents, learnable in a few steps.
 
 Each document starts at a random token and counts up by one (mod the vocabulary), so the next token is
-always predictable from the current one and the loss of a working trainer falls fast. Batches are a pure
-function of (seed, step, process), so `get_state`/`set_state` need only the step: a resumed run sees
-exactly the batches it would have seen.
+always predictable from the current one and the loss of a working trainer falls fast. Each row is a pure
+function of (seed, step, global row index), so the global batch is the same however many processes
+build it, and `get_state`/`set_state` need only the step: a resumed run sees exactly the batches it
+would have seen.
 """
 
 from __future__ import annotations
@@ -12,22 +13,21 @@ import numpy as np
 
 
 class CountingBatches:
-    """An iterator of packed batches {tokens, positions, segment_ids, loss_mask}, each [rows, seq_len]."""
+    """Packed batches {tokens, positions, segment_ids, loss_mask}: rows first_row .. first_row + rows - 1."""
 
-    def __init__(self, vocab_size: int, seq_len: int, rows: int, seed: int = 0, process_index: int = 0):
+    def __init__(self, vocab_size: int, seq_len: int, rows: int, seed: int = 0, first_row: int = 0):
         self.vocab_size, self.seq_len, self.rows = vocab_size, seq_len, rows
-        self.seed, self.process_index, self.step = seed, process_index, 0
+        self.seed, self.first_row, self.step = seed, first_row, 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.step, self.process_index])
-        self.step += 1
         t = self.seq_len
         tokens = np.zeros((self.rows, t), np.int32)
         segments, positions = np.zeros_like(tokens), np.zeros_like(tokens)
         for row in range(self.rows):
+            rng = np.random.default_rng([self.seed, self.step, self.first_row + row])
             start, doc = 0, 1
             while start < t:
                 length = min(int(rng.integers(t // 4, t + 1)), t - start)
@@ -36,6 +36,7 @@ class CountingBatches:
                 segments[row, start : start + length] = doc
                 positions[row, start : start + length] = np.arange(length)
                 start, doc = start + length, doc + 1
+        self.step += 1
         return {"tokens": tokens, "positions": positions, "segment_ids": segments, "loss_mask": np.ones_like(tokens)}
 
     def get_state(self) -> dict:

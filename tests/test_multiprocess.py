@@ -1,0 +1,100 @@
+"""Multi-process training: 2 processes × 2 CPU devices (gloo collectives) match 1 process × 4 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mellama_jax.checkpoint import restore_params
+from mellama_jax.config import DistributedConfig
+from mellama_jax.distributed import initialize, launcher
+from mellama_jax.errors import UserError
+
+CONFIG = """
+model: {preset: tiny, vocab_size: 256, d_model: 32, n_heads: 4, n_kv_heads: 2, head_dim: 8, ffn_dim: 64}
+seq_len: 32
+global_batch: 8
+micro_batches: 2
+steps: 3
+checkpoint_every: 3
+optim: {lr: 1.0e-2, warmup_ratio: 0.0}
+mesh: {data: 1, fsdp: 2, tensor: 2}
+"""
+TOL = 1e-5  # fp32; the processes' all-reduce may add in another order than one process does
+
+
+def launch(tmp_path, run: str, devices: int, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    argv = [sys.executable, "-m", "mellama_jax.cli", "train", "--config", str(tmp_path / "run.yaml")]
+    argv += [f"run_dir={tmp_path / run}", *overrides]
+    return subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def results(tmp_path, run: str):
+    rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    return rows, restore_params(tmp_path / run / "checkpoints" / "3" / "state")["params"]
+
+
+def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    port = free_port()
+    joined = [f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2"]
+    processes = [launch(tmp_path, "one", 4)]
+    processes += [launch(tmp_path, "two", 2, *joined, f"distributed.process_id={i}") for i in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    for process, err in zip(processes, errors, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    assert "2 processes joined" in errors[1] and not errors[2].strip()  # only process 0 speaks
+    one_rows, one_params = results(tmp_path, "one")
+    two_rows, two_params = results(tmp_path, "two")
+    assert [r["step"] for r in two_rows] == [1, 2, 3]
+    for a, b in zip(one_rows, two_rows, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= TOL and abs(a["grad_norm"] - b["grad_norm"]) <= TOL
+    assert two_rows[-1]["loss"] < two_rows[0]["loss"]
+    for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(two_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "env", "message"),
+    [
+        (DistributedConfig(num_processes=2), {}, r"distributed: num_processes=2 needs a coordinator"),
+        (DistributedConfig(coordinator="h:1"), {}, r"distributed: coordinator h:1 needs num_processes and process_id"),
+        (DistributedConfig(coordinator="h:1", num_processes=2, process_id=2), {}, r"need 0 <= process_id < num_pro"),
+        (DistributedConfig(coordinator="h:1"), {"JAX_NUM_PROCESSES": "two"}, r"env JAX_NUM_PROCESSES: expected an int"),
+    ],
+)
+def test_incomplete_distributed_settings_are_one_line_errors(monkeypatch, cfg, env, message):
+    unset = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri")
+    for name in unset:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=message):
+        initialize(cfg)
+
+
+def test_launchers_are_detected_only_with_more_than_one_task(monkeypatch):
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert launcher() is None  # an interactive allocation with one task: a single-process run
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert launcher() == "slurm"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.0.0.1:34911")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launcher() == "openmpi"
