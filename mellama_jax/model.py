@@ -18,9 +18,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mellama_jax.config import ModelConfig
+from mellama_jax.sharding import constrain
 
 # The decode cache: {"k", "v": [L, B, S, K, H], "segment_ids": [B, S], "index": []}.
 Cache = dict[str, jax.Array]
+
+# Activations' logical names (sharding.constrain pins them when a mesh is set).
+RESIDUAL, HIDDEN, LOGITS = ("batch", "length", "act_embed"), ("batch", "length", "mlp"), ("batch", "length", "vocab")
+HEADS, KV_HEADS = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
 
 REMAT = {
     "none": None,
@@ -90,9 +95,10 @@ class Attention(nnx.Module):
         index: jax.Array | int = 0,  # slot of x's first token in the cache
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         dt = x.dtype
-        q = rope(jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt)), positions, self.theta)
-        k = rope(jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt)), positions, self.theta)
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
+        q = constrain(jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt)), HEADS)
+        k = constrain(jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt)), KV_HEADS)
+        v = constrain(jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt)), KV_HEADS)
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
@@ -115,8 +121,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         dt = x.dtype
-        gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt)))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
+        gate = jax.nn.silu(constrain(jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt)), HIDDEN))
+        up = constrain(jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt)), HIDDEN)
         return jnp.einsum("BTF,FD->BTD", gate * up, self.down[...].astype(dt))
 
 
@@ -129,8 +135,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, mask, kv=None, index=0):
         h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), kv
+        x = constrain(x + h, RESIDUAL)
+        return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL), kv
 
 
 class Llama(nnx.Module):
@@ -159,7 +165,8 @@ class Llama(nnx.Module):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+        table = constrain(self.embed[...], ("vocab", "act_embed"))  # gathered whole over fsdp, as FSDP does
+        x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)  # [B, T, D]
 
         if cache is None:
             index, kv_in = 0, None
@@ -181,7 +188,7 @@ class Llama(nnx.Module):
 
         x = self.final_norm(x)
         head, spec = (self.embed, "BTD,VD->BTV") if self.lm_head is None else (self.lm_head, "BTD,DV->BTV")
-        logits = jnp.einsum(spec, x, head[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(jnp.einsum(spec, x, head[...].astype(dt), preferred_element_type=jnp.float32), LOGITS)
         if cache is not None:
             k, v = kv_out
             cache = {"k": k, "v": v, "segment_ids": kv_segments, "index": index + tokens.shape[1]}

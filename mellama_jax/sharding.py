@@ -3,12 +3,17 @@
 Mesh axes: `data` (pure data parallel: replicas), `fsdp` (data parallel whose replicas each hold a
 slice of every parameter and optimizer state, ZeRO-3 style), `tensor` (Megatron-style splits of
 heads, MLP width and vocabulary). The batch is split over data × fsdp.
+
+Activations are pinned too (`constrain`), so the compiler never guesses their layout from the params':
+the residual stream is split by batch only (`act_embed`), heads and MLP width also over `tensor`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -28,6 +33,7 @@ RULES = {  # logical axis -> mesh axes (None: replicated)
     "head_dim": None,
     "layers": None,
     "length": None,
+    "act_embed": None,  # the residual stream's width: whole on each device (the params' `embed` is split)
 }
 
 
@@ -54,12 +60,47 @@ def spec(names: Sequence[str | None]) -> PartitionSpec:
     return PartitionSpec(*(RULES[n] if n is not None else None for n in names))
 
 
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations onto `mesh`."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's layout by logical names inside `activation_mesh`; a no-op outside one.
+
+    A dimension its mesh axes do not divide (a micro-batch smaller than data × fsdp) is left to the compiler.
+    """
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    fits = [dim % _size(mesh, axes) == 0 for dim, axes in zip(x.shape, spec(names), strict=True)]
+    pspec = [axes if ok else PartitionSpec.UNCONSTRAINED for axes, ok in zip(spec(names), fits, strict=True)]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*pspec)))
+
+
+def _axes(axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else axes or ()
+
+
+def _size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    return math.prod(mesh.shape[a] for a in _axes(axes))
+
+
 def _check_divides(path: str, shape: tuple[int, ...], pspec: PartitionSpec, mesh: Mesh) -> None:
     for dim, axes in zip(shape, pspec, strict=False):
-        axes = (axes,) if isinstance(axes, str) else axes or ()
-        size = math.prod(mesh.shape[a] for a in axes)
+        size = _size(mesh, axes)
         if dim % size:
-            raise UserError(f"sharding: {path} has a dimension of {dim}, which mesh axes {axes} ({size}) do not divide")
+            raise UserError(
+                f"sharding: {path} has a dimension of {dim}, which mesh axes {_axes(axes)} ({size}) do not divide"
+            )
 
 
 def shardings(shapes, logical_specs, mesh: Mesh):

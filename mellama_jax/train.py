@@ -38,7 +38,7 @@ from mellama_jax.errors import UserError
 from mellama_jax.metrics_log import MetricsLog
 from mellama_jax.model import Llama, abstract_model, with_params
 from mellama_jax.plan import train_flops_per_token
-from mellama_jax.sharding import batch_sharding, make_mesh, process_rows, shardings
+from mellama_jax.sharding import activation_mesh, batch_sharding, make_mesh, process_rows, shardings
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,18 @@ def compile_step(cfg: TrainConfig, mesh: Mesh) -> Callable[[TrainState, dict], t
     state_sh = state_shardings(cfg, mesh)
     batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
+    step = jax.jit(
         functools.partial(train_step, cfg),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
     )
+
+    def on_mesh(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with activation_mesh(mesh):  # traced here: the model's activations are pinned onto the mesh
+            return step(state, batch)
+
+    return on_mesh
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -214,6 +220,14 @@ def train(cfg: TrainConfig) -> list[dict]:
     initialize(cfg.distributed)
     run_dir, lead = pathlib.Path(cfg.run_dir), jax.process_index() == 0
     mesh = make_mesh(cfg.mesh)
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.global_batch // cfg.micro_batches) % split:
+        log.warning(
+            "micro-batches of %d rows do not split over data×fsdp = %d devices: some get no rows, and the step runs"
+            " slower than it could; raise global_batch or lower micro_batches",
+            cfg.global_batch // cfg.micro_batches,
+            split,
+        )
     first_row, rows = process_rows(mesh, cfg.global_batch)
     data = CountingBatches(cfg.model.vocab_size, cfg.seq_len, rows, cfg.seed, first_row)
     manager = run_manager(run_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
