@@ -11,6 +11,7 @@ converted HF weights need no q/k permutation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -33,6 +34,17 @@ REMAT = {
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: Any = None) -> jax.Array:
+    """x [..., *in] · w [*in, *out] -> [..., *out], as one 2-D matmul.
+
+    Same result as the einsum; but XLA:CPU runs dots that contract or keep several dims (B and T in the
+    weight gradient) far slower than a plain [B*T, in] x [in, out] matmul, and on GPU the reshapes are free.
+    """
+    ins, outs = x.shape[x.ndim - n_in :], w.shape[n_in:]
+    flat = jnp.matmul(x.reshape(-1, math.prod(ins)), w.reshape(math.prod(ins), -1), preferred_element_type=out_dtype)
+    return flat.reshape(*x.shape[: x.ndim - n_in], *outs)
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], names: tuple[str, ...]) -> nnx.Param:
@@ -77,6 +89,23 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.
     return causal[None] & same_segment
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention, scores in fp32: q [B, T, N, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
+
+    Query head n uses kv head n // G. The G query heads and T queries of a kv head are one [G*T, H]
+    matrix, so both products are plain batched matmuls over (B, K).
+    """
+    b, t, n, h = q.shape
+    kv_heads, g = k.shape[2], n // k.shape[2]
+    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)  # [B, K, G*T, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    scores = jnp.einsum("BKMH,BKSH->BKMS", q, k, preferred_element_type=jnp.float32).reshape(b, kv_heads, g, t, -1)
+    scores = jnp.where(mask[:, None, None], scores * h**-0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kv_heads, g * t, -1)
+    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v).reshape(b, kv_heads, g, t, h)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -95,21 +124,15 @@ class Attention(nnx.Module):
         index: jax.Array | int = 0,  # slot of x's first token in the cache
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         dt = x.dtype
-        q = constrain(jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt)), HEADS)
-        k = constrain(jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt)), KV_HEADS)
-        v = constrain(jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt)), KV_HEADS)
+        q = constrain(dense(x, self.q[...].astype(dt)), HEADS)  # [B, T, N, H]
+        k = constrain(dense(x, self.k[...].astype(dt)), KV_HEADS)  # [B, T, K, H]
+        v = constrain(dense(x, self.v[...].astype(dt)), KV_HEADS)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv = (k, v)
-        b, t, n, h = q.shape
-        q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)  # [B, T, K, G, H]: head n = kv head * G + g
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * h**-0.5, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt)).reshape(b, t, n, h)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), kv
+        return dense(attend(q, k.astype(dt), v.astype(dt), mask), self.o[...].astype(dt), n_in=2), kv
 
 
 class MLP(nnx.Module):
@@ -121,9 +144,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         dt = x.dtype
-        gate = jax.nn.silu(constrain(jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt)), HIDDEN))
-        up = constrain(jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt)), HIDDEN)
-        return jnp.einsum("BTF,FD->BTD", gate * up, self.down[...].astype(dt))
+        gate = jax.nn.silu(constrain(dense(x, self.gate[...].astype(dt)), HIDDEN))  # [B, T, F]
+        up = constrain(dense(x, self.up[...].astype(dt)), HIDDEN)
+        return dense(gate * up, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -187,8 +210,8 @@ class Llama(nnx.Module):
         x, kv_out = jax.lax.scan(layer, x, (layer_state, kv_in))
 
         x = self.final_norm(x)
-        head, spec = (self.embed, "BTD,VD->BTV") if self.lm_head is None else (self.lm_head, "BTD,DV->BTV")
-        logits = constrain(jnp.einsum(spec, x, head[...].astype(dt), preferred_element_type=jnp.float32), LOGITS)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # [D, V]
+        logits = constrain(dense(x, head.astype(dt), out_dtype=jnp.float32), LOGITS)
         if cache is not None:
             k, v = kv_out
             cache = {"k": k, "v": v, "segment_ids": kv_segments, "index": index + tokens.shape[1]}

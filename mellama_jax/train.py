@@ -94,30 +94,33 @@ def loss_sums(cfg: TrainConfig, params: dict, batch: dict) -> tuple[jax.Array, j
 def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimiser step over the global batch, accumulated over `cfg.micro_batches` slices."""
     m = cfg.micro_batches
-    # Row r goes to micro-batch r % m: each device's rows stay on it, whatever the batch sharding.
-    micro = jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), batch)
+    sums_and_grads = jax.value_and_grad(lambda p, mb: loss_sums(cfg, p, mb), has_aux=True)
 
     def accumulate(carry, mb):
         grads, loss_sum, count = carry
-        (s, n), g = jax.value_and_grad(lambda p: loss_sums(cfg, p, mb), has_aux=True)(state.params)
+        (s, n), g = sums_and_grads(state.params, mb)
         return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
+    if m == 1:
+        (loss_sum, count), grads = sums_and_grads(state.params, batch)
+    else:  # row r goes to micro-batch r % m: each device's rows stay on it, whatever the batch sharding
+        micro = jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), batch)
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.tree.norm(grads)
     lr = schedule(cfg)(state.step)
-    direction, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
-
     finite = jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+    def apply() -> tuple[dict, optax.OptState]:
+        direction, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
+        return jax.tree.map(lambda p, d: p - lr * d, state.params, direction), opt_state
+
+    # A cond, not a select: the skipped branch costs nothing, and a taken step no extra pass over the state.
+    params, opt_state = jax.lax.cond(finite, apply, lambda: (state.params, state.opt_state))
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        skipped=state.skipped + (~finite).astype(jnp.int32),
+        step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped + (~finite).astype(jnp.int32)
     )
     metrics = {
         "loss": loss_sum / count,
