@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from orbax.checkpoint import type_handlers as th
 
@@ -159,8 +160,25 @@ def run_manager(run_dir: pathlib.Path, every: int, keep: int) -> ocp.CheckpointM
     return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "checkpoints", options=options)
 
 
+class DataState:
+    """A data iterator's position, stored the way grain's checkpoint handler stores iterators: one JSON file
+    per process (`data/process_<i>-of-<n>.json`), since each process reads its own shard of the data."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        self.state = json.loads(raw)
+
+    def start_prefetch(self) -> None:  # the handler calls this on restore; the loop fetches by itself
+        pass
+
+
 def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False) -> bool:
-    """Starts saving the train state and the data iterator's state at `step` (in the background).
+    """Starts saving the train state and this process's data position at `step` (in the background).
 
     Arrays of the layer stack (params and their optimizer moments, [L, ...]) are chunked one layer per
     chunk, so a reader of one layer (jax-to-hf) reads only that layer.
@@ -168,7 +186,8 @@ def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
     per_layer = lambda path, _: ocp.SaveArgs(shard_axes=(0,) if "layers" in _keys(path) else ())  # noqa: E731
     save_args = jax.tree_util.tree_map_with_path(per_layer, state)
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state, save_args=save_args), data=ocp.args.JsonSave(data_state)
+        state=ocp.args.StandardSave(state, save_args=save_args),
+        data=grain_checkpoint.CheckpointSave(DataState(data_state)),
     )
     return manager.save(step, args=args, force=force)
 
@@ -185,7 +204,11 @@ def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, ob
     """
     restored, moved = None, False
     for step in sorted(manager.all_steps(), reverse=True):
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        _check_process_count(pathlib.Path(str(manager.directory)) / str(step) / "data")
+        data = DataState()
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain_checkpoint.CheckpointRestore(data)
+        )
         try:
             found = manager.restore(step, args=args)
         except Exception as e:  # a damaged checkpoint: orbax/tensorstore raise many types
@@ -196,13 +219,23 @@ def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, ob
                 folder.rename(aside)
             moved = True
             continue
-        restored = step, found.state, found.data
+        restored = step, found.state, data.state
         break
     if moved:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("mellama: unreadable checkpoints moved aside")
         manager.reload()
     return restored
+
+
+def _check_process_count(data_dir: pathlib.Path) -> None:
+    written = sorted(data_dir.glob("process_0-of-*.json"))
+    count = jax.process_count()
+    if written and written[0].name != f"process_0-of-{count}.json":
+        raise UserError(
+            f"{data_dir.parent}: written by {written[0].stem.split('-of-')[1]} processes; the data position of"
+            f" each process's shard cannot be resumed with {count} (restart with the same number of processes)"
+        )
 
 
 def _unused(path: pathlib.Path) -> pathlib.Path:

@@ -67,6 +67,32 @@ def _train(args: argparse.Namespace) -> None:
         print(f"{cfg.run_dir}: step {rows[-1]['step']}, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from mellama_jax.data.prepare import prepare
+
+    if args.workers < 0:
+        raise UserError(f"--workers must be at least 0, got {args.workers}")
+    manifest = prepare(args.sources, args.tokenizer, args.out, args.format, args.text_field, args.on_error,
+                       args.workers, args.overwrite)  # fmt: skip
+    skipped = f", {manifest['skipped']} malformed skipped" if manifest["skipped"] else ""
+    print(f"prepared {manifest['documents']} documents, {manifest['tokens']} tokens{skipped} in {args.out}")
+
+
+def _add_prepare(commands) -> None:
+    from mellama_jax.config import FORMATS
+
+    prepare = commands.add_parser("prepare", help="tokenize corpora into array_record shards + a manifest")
+    prepare.add_argument("sources", nargs="+", metavar="SOURCES", help="files, folders or glob patterns")
+    prepare.add_argument("--tokenizer", required=True, help="tokenizer.model / tokenizer.json, or a folder with one")
+    prepare.add_argument("--out", required=True, type=pathlib.Path, help="the prepared corpus folder")
+    prepare.add_argument("--format", default="", choices=("", *FORMATS[:-1]), help="default: from the extension")
+    prepare.add_argument("--text-field", default="text", help="jsonl/parquet/array_record field (default text)")
+    prepare.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="malformed records")
+    prepare.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    prepare.set_defaults(run=_prepare)
+
+
 def _add_convert(commands) -> None:
     convert = commands.add_parser("convert", help="Hugging Face <-> our checkpoints, streamed tensor by tensor")
     directions = convert.add_subparsers(dest="direction", required=True)
@@ -95,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     plan.set_defaults(run=_plan)
     _add_convert(commands)
+    _add_prepare(commands)
     train = commands.add_parser("train", help="continued pre-training; resumes the latest checkpoint in run_dir")
     train.add_argument("--config", help="YAML holding only differences from the defaults")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")

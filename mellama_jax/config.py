@@ -206,6 +206,50 @@ class OptimConfig:
             raise UserError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
 
 
+FORMATS = ("jsonl", "text", "parquet", "array_record", "prepared")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One named corpus of the CPT mixture (data/sources.py reads it)."""
+
+    name: str = ""
+    paths: tuple[str, ...] = ()  # files, folders or glob patterns
+    format: str = ""  # one of FORMATS; "" = from the file extension (.jsonl .txt .parquet .array_record)
+    text_field: str = "text"  # jsonl / parquet / array_record: the field holding a document's text
+    weight: float = 1.0  # share of the mixture's *tokens* (relative to the other sources' weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from: the built-in counting corpus, or a CPT mixture of corpora (data/cpt.py)."""
+
+    kind: str = "synthetic"  # synthetic | cpt
+    sources: tuple[SourceConfig, ...] = ()
+    tokenizer: str = ""  # tokenizer file or folder; "" = init_from's (raw sources need one; prepared do not)
+    on_error: str = "raise"  # raise | skip: a malformed record stops the run, or is skipped and counted
+    epochs: int = 0  # stop after this many passes over the data (0: no limit)
+    token_budget: int = 0  # stop after this many tokens (0: no limit); the run also stops at `steps`
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "cpt"):
+            raise UserError(f"data.kind must be 'synthetic' or 'cpt', got {self.kind!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise UserError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.kind == "cpt" and not self.sources:
+            raise UserError("data.sources: a cpt run needs at least one source")
+        names = [s.name for s in self.sources]
+        for i, source in enumerate(self.sources):
+            if not source.name or names.count(source.name) > 1:
+                raise UserError(f"data.sources[{i}]: every source needs a unique name, got {source.name!r}")
+            if not source.paths:
+                raise UserError(f"data.sources[{i}] ({source.name}): no paths")
+            if source.format not in ("", *FORMATS):
+                raise UserError(f"data.sources[{i}] ({source.name}): format must be one of {', '.join(FORMATS)}")
+            if not source.weight > 0:
+                raise UserError(f"data.sources[{i}] ({source.name}): weight must be positive, got {source.weight}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A run: model, batch shape, optimiser and mesh (the data section joins when it lands)."""
@@ -220,15 +264,13 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     init_from: str = ""  # a converted checkpoint (CPT from LLaMA-2); empty: random init
-    data: str = "synthetic"  # the built-in counting corpus (data/synthetic.py); corpora join with the data issue
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the device kind (A100 312, H100 989)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if self.data != "synthetic":
-            raise UserError(f"data: only 'synthetic' is built in so far, got {self.data!r}")
         if self.steps < 1 or self.micro_batches < 1 or self.global_batch % self.micro_batches:
             raise UserError(
                 f"need steps >= 1 and micro_batches ({self.micro_batches}) dividing global_batch ({self.global_batch})"
@@ -278,7 +320,9 @@ def _build(base: Any, raw: dict[str, Any], where: str, prefix: str):
         if key not in hints:
             raise UserError(f"{where}: unknown key {prefix + key!r} (known: {', '.join(sorted(hints))})")
         kind = hints[key]
-        if dataclasses.is_dataclass(kind):
+        if typing.get_origin(kind) is tuple:
+            kwargs[key] = _build_tuple(typing.get_args(kind)[0], value, where, prefix + key)
+        elif dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: {prefix + key!r} must be a section, got {value!r}")
             kwargs[key] = _build(getattr(base, key), value, where, f"{prefix}{key}.")
@@ -295,3 +339,16 @@ def _build(base: Any, raw: dict[str, Any], where: str, prefix: str):
         return getattr(cls, preset)(**kwargs) if preset else dataclasses.replace(base, **kwargs)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
+
+
+def _build_tuple(item: type, value: Any, where: str, name: str) -> tuple:
+    """A YAML list as a tuple of `item`s (config sections when `item` is a dataclass)."""
+    if not isinstance(value, list):
+        raise UserError(f"{where}: {name!r} must be a list, got {value!r}")
+    if dataclasses.is_dataclass(item):
+        if not all(isinstance(v, dict) for v in value):
+            raise UserError(f"{where}: every item of {name!r} must be a section")
+        return tuple(_build(item(), v, where, f"{name}[{i}].") for i, v in enumerate(value))
+    if not all(type(v) is item for v in value):
+        raise UserError(f"{where}: every item of {name!r} must be {item.__name__}, got {value!r}")
+    return tuple(value)

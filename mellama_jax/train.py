@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mellama_jax.checkpoint import find_params, restore_params, restore_run, run_manager, save_run
 from mellama_jax.config import TrainConfig
+from mellama_jax.data.cpt import cpt_batches
 from mellama_jax.data.synthetic import CountingBatches
 from mellama_jax.distributed import initialize
 from mellama_jax.errors import UserError
@@ -189,7 +190,8 @@ def _peak_flops(cfg: TrainConfig) -> float | None:
 
 
 def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, TrainState]:
-    """Resume from the latest complete checkpoint, else start fresh (from `init_from`'s params if given)."""
+    """Resume from the latest complete checkpoint (and `data` at its position), else start fresh (from
+    `init_from`'s params if given)."""
     shardings = state_shardings(cfg, mesh)
     shapes = jax.eval_shape(functools.partial(_init, cfg), 0)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -211,15 +213,22 @@ def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, Train
     return 0, state
 
 
-def _stop_requested(stop: list[int]) -> bool:
-    """Whether any process got SIGTERM/SIGINT: all processes must save and stop at the same step."""
+def _anywhere(flag: bool) -> bool:
+    """Whether `flag` holds on any process: all processes must save and stop at the same step."""
     if jax.process_count() == 1:
-        return bool(stop)
-    return bool(multihost_utils.process_allgather(np.int32(bool(stop))).any())
+        return flag
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def batches(cfg: TrainConfig, first_row: int, rows: int):
+    """This process's rows of every global batch, from the configured data; `get_state`/`set_state` resume it."""
+    if cfg.data.kind == "synthetic":
+        return CountingBatches(cfg.model.vocab_size, cfg.seq_len, rows, cfg.seed, first_row)
+    return cpt_batches(cfg, first_row, rows)
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    """Runs (or resumes) `cfg` to `cfg.steps`; SIGTERM/SIGINT save a final checkpoint and stop cleanly."""
+    """Runs (or resumes) `cfg` to `cfg.steps` or the end of its data; SIGTERM/SIGINT save and stop cleanly."""
     initialize(cfg.distributed)
     run_dir, lead = pathlib.Path(cfg.run_dir), jax.process_index() == 0
     mesh = make_mesh(cfg.mesh)
@@ -231,27 +240,36 @@ def train(cfg: TrainConfig) -> list[dict]:
             cfg.global_batch // cfg.micro_batches,
             split,
         )
-    first_row, rows = process_rows(mesh, cfg.global_batch)
-    data = CountingBatches(cfg.model.vocab_size, cfg.seq_len, rows, cfg.seed, first_row)
+    data = batches(cfg, *process_rows(mesh, cfg.global_batch))
     manager = run_manager(run_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
     start, state = start_state(cfg, mesh, manager, data)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg.model), indent=2) + "\n")
     step_fn, batch_sh = compile_step(cfg, mesh), batch_sharding(mesh)
-    place = lambda local: {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}  # noqa: E731
+
+    def fetch() -> dict | None:  # None once the data has ended
+        local = next(data, None)
+        return (
+            None
+            if local is None
+            else {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+        )
+
     metrics_log = MetricsLog(run_dir, start, enabled=lead)
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     flops, peak = train_flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch * cfg.seq_len, _peak_flops(cfg)
     bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not lead, unit="step")
     try:
-        batch, tick = place(next(data)), time.perf_counter()
-        for step in range(start, cfg.steps):
+        batch, tick = fetch(), time.perf_counter()
+        if start < cfg.steps and _anywhere(batch is None):
+            log.warning("the data ended at step %d; nothing left to train on", start)
+        for step in range(start, cfg.steps if batch is not None else start):
             state, metrics = step_fn(state, batch)  # dispatched: the device runs it while the host goes on
             data_state = data.get_state()  # the position after this step's batch, for its checkpoint
             if step + 1 < cfg.steps:
-                batch = place(next(data))  # the next batch is built while this step computes
+                batch = fetch()  # the next batch is built while this step computes
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
             seconds, tick = now - tick, now
@@ -260,10 +278,13 @@ def train(cfg: TrainConfig) -> list[dict]:
             metrics_log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=row["mfu"])
             bar.update()
-            stopping = _stop_requested(stop)
-            save_run(manager, step + 1, state, data_state, force=stopping or step + 1 == cfg.steps)
-            if stopping:
+            signalled, ended = _anywhere(bool(stop)), _anywhere(batch is None and step + 1 < cfg.steps)
+            save_run(manager, step + 1, state, data_state, force=signalled or ended or step + 1 == cfg.steps)
+            if signalled:
                 log.warning("signal %s: saved step %d, stopping", stop[0] if stop else "on another process", step + 1)
+            if ended:
+                log.info("the data ended: saved step %d, stopping", step + 1)
+            if signalled or ended:
                 break
     finally:
         bar.close()

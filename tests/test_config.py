@@ -1,10 +1,11 @@
 """ModelConfig presets, HF config translation in both directions, and its refusals."""
 
 import dataclasses
+import pathlib
 
 import pytest
 
-from mellama_jax.config import ModelConfig
+from mellama_jax.config import ModelConfig, load_config
 from mellama_jax.errors import UserError
 
 # A real LLaMA-2-13B config.json as transformers 4.x wrote it (values from the paper's table).
@@ -102,3 +103,36 @@ def test_missing_required_hf_attribute():
 def test_invalid_config_names_the_parameter(override, message):
     with pytest.raises(UserError, match=message):
         ModelConfig.tiny(**override)
+
+
+def test_the_data_section_selects_sources_and_weights():
+    cfg = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "me-llama-13b-cpt.yaml"))
+    assert [(s.name, s.weight, s.format) for s in cfg.data.sources] == [
+        ("biomedical", 15.0, "prepared"),
+        ("clinical", 1.0, "prepared"),
+        ("general", 4.0, "prepared"),
+    ]
+    cfg = load_config(None, ["data.kind=cpt", "data.sources=[{name: notes, paths: [a.jsonl, 'b/*.jsonl']}]"])
+    assert cfg.data.sources[0].paths == ("a.jsonl", "b/*.jsonl") and cfg.data.sources[0].weight == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.kind=sft", r"data.kind must be 'synthetic' or 'cpt'"),
+        ("data.kind=cpt", r"data.sources: a cpt run needs at least one source"),
+        ("data.sources=[{name: a, paths: [x], colour: red}]", r"unknown key 'data.sources\[0\].colour'"),
+        ("data.sources=[{paths: [x]}]", r"data.sources\[0\]: every source needs a unique name"),
+        ("data.sources=[{name: a, paths: [x]}, {name: a, paths: [y]}]", r"data.sources\[1\]: every source needs a u"),
+        ("data.sources=[{name: a}]", r"data.sources\[0\] \(a\): no paths"),
+        ("data.sources=[{name: a, paths: [x], weight: 0}]", r"data.sources\[0\] \(a\): weight must be positive"),
+        ("data.sources=[{name: a, paths: [x], format: csv}]", r"data.sources\[0\] \(a\): format must be one of"),
+        ("data.sources={name: a}", r"'data.sources' must be a list"),
+        ("data.sources=[a.jsonl]", r"every item of 'data.sources' must be a section"),
+        ("data.sources=[{name: a, paths: [1]}]", r"every item of 'data.sources\[0\].paths' must be str"),
+        ("data.on_error=ignore", r"data.on_error must be 'raise' or 'skip'"),
+    ],
+)
+def test_bad_data_sections_are_one_line_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])

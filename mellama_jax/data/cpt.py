@@ -1,0 +1,180 @@
+"""The CPT mixture: named corpora mixed by token proportions and packed into rows with segment ids.
+
+- Mixing: the next document always comes from the source furthest below its share of the tokens
+  taken so far, so the proportions hold to within one document at every point, deterministically.
+- Order: each source's documents are visited in a seeded permutation per epoch (grain's lazy index
+  shuffle: no index array, whatever the corpus size). Data shard s of S (one per data-parallel process)
+  takes every S-th position of it, so the shards are disjoint and together cover the corpus.
+- Packing: a document is BOS + tokens + EOS, cut into windows of at most the model's context (positions
+  restart at 0 in each window). Windows are laid into rows back to back; one that does not fit the rest
+  of a row continues at the start of the next, keeping its positions. `segment_ids` number the pieces
+  of a row from 1 (0 = padding, only after the data ends); `loss_mask` is 1 on every real token.
+- Stopping: when a source would start epoch `epochs` + 1, or when this shard has taken its share of
+  `token_budget`; the last batch is padded.
+- State: per source (epoch, next position, tokens taken, skipped) and where the document in hand is cut.
+  It is a few numbers of JSON, and restoring it gives identical next batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from collections.abc import Callable
+
+import grain
+import numpy as np
+
+from mellama_jax.config import SourceConfig, TrainConfig
+from mellama_jax.data.prepare import PreparedDocuments
+from mellama_jax.data.sources import open_documents
+from mellama_jax.data.tokenizer import TOKENIZER_MODEL_FILES, check_vocab, load_tokenizer
+from mellama_jax.errors import UserError
+
+
+class Stream:
+    """One source's documents for one data shard, as BOS + ids + EOS arrays, epoch by epoch."""
+
+    def __init__(self, name: str, count: int, ids: Callable[[int], np.ndarray | None], bos: int, eos: int, seed: int):
+        self.name, self.count, self.ids, self.bos, self.eos, self.seed = name, count, ids, bos, eos, seed
+        self.shard, self.shards, self._order = 0, 1, (-1, None)
+
+    def split(self, shard: int, shards: int) -> Stream:
+        if self.count < shards:
+            raise UserError(f"source {self.name}: {self.count} documents cannot feed {shards} data shards")
+        self.shard, self.shards = shard, shards
+        return self
+
+    @property
+    def length(self) -> int:  # this shard's documents per epoch
+        return len(range(self.shard, self.count, self.shards))
+
+    def tokens(self, epoch: int, k: int) -> np.ndarray | None:
+        if self._order[0] != epoch:
+            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+            self._order = (epoch, grain.MapDataset.range(self.count).shuffle(seed=seed))
+        ids = self.ids(int(self._order[1][k * self.shards + self.shard]))
+        return None if ids is None else np.concatenate([[self.bos], ids, [self.eos]]).astype(np.int32)
+
+
+class Mixture:
+    """An iterator of packed batches {tokens, positions, segment_ids, loss_mask}, each [rows, seq_len]."""
+
+    def __init__(self, streams: list[Stream], weights: list[float], seq_len: int, rows: int, window: int,
+                 epochs: int = 0, token_budget: int = 0):  # fmt: skip
+        self.streams, self.weights = streams, np.asarray(weights, np.float64) / sum(weights)
+        self.seq_len, self.rows, self.window, self.epochs, self.budget = seq_len, rows, window, epochs, token_budget
+        self.set_state({"sources": [{"epoch": 0, "next": 0, "tokens": 0, "skipped": 0} for _ in streams],
+                        "piece": None, "done": False})  # fmt: skip
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def set_state(self, state: dict) -> None:
+        self.state = copy.deepcopy(state)
+        piece = self.state["piece"]  # [source, epoch, k, offset]: the document in hand, read again
+        self.tokens = None if piece is None else self.streams[piece[0]].tokens(piece[1], piece[2])
+
+    def _take_document(self) -> bool:
+        """Puts the next document in hand; False when the data has ended."""
+        sources, misses = self.state["sources"], 0
+        while True:
+            taken = np.asarray([s["tokens"] for s in sources], np.float64)
+            if self.budget and taken.sum() >= self.budget:
+                return False
+            i = int(np.argmin(taken / self.weights))
+            source, stream = sources[i], self.streams[i]
+            if source["next"] == stream.length:
+                if self.epochs and source["epoch"] + 1 >= self.epochs:
+                    return False
+                source["epoch"], source["next"] = source["epoch"] + 1, 0
+            k = source["next"]
+            source["next"] += 1
+            tokens = stream.tokens(source["epoch"], k)
+            if tokens is None:  # a malformed record, skipped (on_error: skip); the source counted it
+                source["skipped"], misses = source["skipped"] + 1, misses + 1
+                if misses > stream.length:
+                    raise UserError(f"source {stream.name}: every record of this shard is malformed")
+                continue
+            source["tokens"] += len(tokens)
+            self.state["piece"], self.tokens = [i, source["epoch"], k, 0], tokens
+            return True
+
+    def _fill(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray) -> None:
+        t, segment = 0, 0
+        while t < self.seq_len:
+            if self.state["piece"] is None and (self.state["done"] or not self._take_document()):
+                self.state["done"] = True
+                return
+            offset = self.state["piece"][3]
+            window_end = min(len(self.tokens), (offset // self.window + 1) * self.window)
+            n = min(window_end - offset, self.seq_len - t)
+            segment += 1
+            tokens[t : t + n] = self.tokens[offset : offset + n]
+            positions[t : t + n] = offset % self.window + np.arange(n)
+            segments[t : t + n] = segment
+            t, offset = t + n, offset + n
+            self.state["piece"][3] = offset
+            if offset == len(self.tokens):
+                self.state["piece"], self.tokens = None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.state["done"]:
+            raise StopIteration
+        shape = (self.rows, self.seq_len)
+        tokens, positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        for row in range(self.rows):
+            self._fill(tokens[row], positions[row], segments[row])
+        if not segments.any():
+            raise StopIteration
+        mask = (segments != 0).astype(np.int32)
+        return {"tokens": tokens, "positions": positions, "segment_ids": segments, "loss_mask": mask}
+
+
+def _stream(source: SourceConfig, index: int, cfg: TrainConfig, tokenizer) -> Stream:
+    seed = int(np.random.SeedSequence([cfg.seed, index]).generate_state(1)[0])
+    if source.format == "prepared":
+        if len(source.paths) != 1:
+            raise UserError(f"source {source.name}: a prepared source is one folder, got {len(source.paths)} paths")
+        docs = PreparedDocuments(source.name, pathlib.Path(source.paths[0]))
+        meta = docs.manifest["tokenizer"]
+        if meta["vocab_size"] != cfg.model.vocab_size:
+            raise UserError(f"source {source.name}: prepared with a {meta['vocab_size']}-token vocabulary, "
+                            f"but the model's vocab_size is {cfg.model.vocab_size}")  # fmt: skip
+        return Stream(source.name, len(docs), docs.ids, meta["bos_id"], meta["eos_id"], seed)
+    docs = open_documents(source.name, source.paths, source.format, source.text_field, cfg.data.on_error)
+
+    def ids(i: int) -> np.ndarray | None:
+        text = docs.text(i)
+        return None if text is None else np.asarray(tokenizer.encode(text, add_special=False), np.int32)
+
+    return Stream(source.name, len(docs), ids, tokenizer.bos_id, tokenizer.eos_id, seed)
+
+
+def _tokenizer(cfg: TrainConfig):
+    raw = [s.name for s in cfg.data.sources if s.format != "prepared"]
+    path = cfg.data.tokenizer or cfg.init_from
+    if not raw:
+        return None
+    if not path:
+        raise UserError(f"data.tokenizer: source {raw[0]} is raw text; name a tokenizer (or an init_from with one)")
+    folder = pathlib.Path(path)
+    if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_MODEL_FILES):
+        raise UserError(f"data.tokenizer: {folder} holds no tokenizer.model or tokenizer.json")
+    tokenizer = load_tokenizer(path)
+    check_vocab(tokenizer, cfg.model.vocab_size, "data.tokenizer")
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise UserError(f"data.tokenizer: {path} defines no BOS/EOS token, which documents are wrapped in")
+    return tokenizer
+
+
+def cpt_batches(cfg: TrainConfig, first_row: int, rows: int) -> Mixture:
+    """This process's batches: rows first_row .. first_row + rows - 1 of every global batch."""
+    tokenizer = _tokenizer(cfg)
+    shard, shards = first_row // rows, cfg.global_batch // rows
+    streams = [_stream(s, i, cfg, tokenizer).split(shard, shards) for i, s in enumerate(cfg.data.sources)]
+    budget = cfg.data.token_budget // shards if cfg.data.token_budget else 0
+    weights = [s.weight for s in cfg.data.sources]
+    return Mixture(streams, weights, cfg.seq_len, rows, cfg.model.max_seq_len, cfg.data.epochs, budget)

@@ -1,0 +1,107 @@
+"""`mellama prepare` and CPT training on real tokenizer output (LLaMA-2's SentencePiece model from ../shared)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+from mellama_jax.cli import main
+
+WORDS = ["patient", "presents", "with", "fever", "cough", "dyspnea", "hypertension", "insulin", "metformin", "biopsy"]
+
+
+def notes(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(5, 60))).capitalize() + "." for _ in range(n)]
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture
+def tokenizer(shared_data):
+    return str(shared_data / "llama2_tokenizer.model")
+
+
+def test_prepare_matches_sentencepiece_and_counts_exactly(tmp_path, tokenizer):
+    texts = {"a.jsonl": notes(40, 0), "b.jsonl": notes(25, 1)}
+    for name, t in texts.items():
+        write_jsonl(tmp_path / name, t)
+    assert main(["prepare", str(tmp_path / "*.jsonl"), "--tokenizer", tokenizer, "--out", str(tmp_path / "out"),
+                 "--workers", "2"]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    for shard in manifest["shards"]:
+        expected = [sp.encode(t) for t in texts[shard["source"].split("/")[-1]]]
+        stored = ArrayRecordDataSource([str(tmp_path / "out" / shard["file"])])
+        assert [np.frombuffer(stored[i], "<i4").tolist() for i in range(len(stored))] == expected
+        assert shard["documents"] == len(expected) and shard["tokens"] == sum(map(len, expected))
+    assert manifest["documents"] == 65 and manifest["tokenizer"]["vocab_size"] == 32000
+    assert (manifest["tokenizer"]["bos_id"], manifest["tokenizer"]["eos_id"]) == (sp.bos_id(), sp.eos_id())
+
+
+def test_a_malformed_line_fails_with_file_and_line_and_writes_nothing(tmp_path, tokenizer, capsys):
+    path = write_jsonl(tmp_path / "notes.jsonl", notes(5, 0))
+    path.write_text(path.read_text() + '{"text": "unterminated\n')
+    assert main(["prepare", str(path), "--tokenizer", tokenizer, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mellama prepare: error: {path}:6: invalid JSON")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def config(tmp_path, tokenizer, steps=4):
+    return f"""
+model: {{preset: tiny, vocab_size: 32000}}
+seq_len: 64
+global_batch: 8
+micro_batches: 1
+steps: {steps}
+checkpoint_every: 2
+optim: {{lr: 1.0e-3}}
+run_dir: {tmp_path / "run"}
+data:
+  kind: cpt
+  tokenizer: {tokenizer}
+  sources:
+    - {{name: biomedical, paths: ["{tmp_path / "prepared"}"], format: prepared, weight: 15}}
+    - {{name: clinical, paths: ["{tmp_path / "clinical" / "*.jsonl"}"], weight: 1}}
+    - {{name: general, paths: ["{tmp_path / "general.jsonl"}"], weight: 4}}
+"""
+
+
+def test_cpt_training_reads_the_configured_mixture_and_resumes_its_exact_batches(tmp_path, tokenizer, capsys):
+    write_jsonl(tmp_path / "pubmed.jsonl", notes(60, 2))
+    (tmp_path / "clinical").mkdir()
+    write_jsonl(tmp_path / "clinical" / "mimic.jsonl", notes(20, 3))
+    write_jsonl(tmp_path / "general.jsonl", notes(30, 4))
+    main(["prepare", str(tmp_path / "pubmed.jsonl"), "--tokenizer", tokenizer, "--out", str(tmp_path / "prepared")])
+    (tmp_path / "run.yaml").write_text(config(tmp_path, tokenizer))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
+    taken = [s["tokens"] for s in state["sources"]]
+    assert all(taken) and taken[0] > taken[2] > taken[1]  # 15 : 4 : 1 by tokens
+    for step in ("4", "3"):  # lose the last checkpoint; the run redoes steps 3-4 from step 2's data position
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / step, ignore_errors=True)
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
+    again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in again] == [
+        (r["step"], r["loss"], r["grad_norm"]) for r in rows
+    ]
+
+
+def test_a_malformed_corpus_line_stops_training_with_file_and_line(tmp_path, tokenizer, capsys):
+    main(["prepare", str(write_jsonl(tmp_path / "p.jsonl", notes(10, 5))), "--tokenizer", tokenizer,
+          "--out", str(tmp_path / "prepared")])  # fmt: skip
+    (tmp_path / "clinical").mkdir()
+    bad = write_jsonl(tmp_path / "clinical" / "notes.jsonl", notes(3, 7))
+    bad.write_text(bad.read_text().replace('{"text"', "{text", 1))  # line 1: an unquoted key
+    write_jsonl(tmp_path / "general.jsonl", notes(10, 6))
+    (tmp_path / "run.yaml").write_text(config(tmp_path, tokenizer))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert f"mellama train: error: {bad}:1: invalid JSON" in capsys.readouterr().err
