@@ -240,7 +240,7 @@ class DataConfig:
             raise UserError("data.sources: a cpt run needs at least one source")
         names = [s.name for s in self.sources]
         for i, source in enumerate(self.sources):
-            if not source.name or names.count(source.name) > 1:
+            if not source.name or source.name in names[:i]:
                 raise UserError(f"data.sources[{i}]: every source needs a unique name, got {source.name!r}")
             if not source.paths:
                 raise UserError(f"data.sources[{i}] ({source.name}): no paths")
