@@ -224,20 +224,23 @@ class SourceConfig:
 class DataConfig:
     """Where batches come from: the built-in counting corpus, or a CPT mixture of corpora (data/cpt.py)."""
 
-    kind: str = "synthetic"  # synthetic | cpt
-    sources: tuple[SourceConfig, ...] = ()
+    kind: str = "synthetic"  # synthetic | cpt | sft
+    sources: tuple[SourceConfig, ...] = ()  # sft: records of all sources together, weights unused
+    template: str = "me-llama"  # sft prompt wrapper: raw | me-llama | llama2-chat (data/sft.py)
     tokenizer: str = ""  # tokenizer file or folder; "" = init_from's (raw sources need one; prepared do not)
     on_error: str = "raise"  # raise | skip: a malformed record stops the run, or is skipped and counted
     epochs: int = 0  # stop after this many passes over the data (0: no limit)
     token_budget: int = 0  # stop after this many tokens (0: no limit); the run also stops at `steps`
 
     def __post_init__(self):
-        if self.kind not in ("synthetic", "cpt"):
-            raise UserError(f"data.kind must be 'synthetic' or 'cpt', got {self.kind!r}")
+        if self.kind not in ("synthetic", "cpt", "sft"):
+            raise UserError(f"data.kind must be 'synthetic', 'cpt' or 'sft', got {self.kind!r}")
+        if self.template not in ("raw", "me-llama", "llama2-chat"):
+            raise UserError(f"data.template must be 'raw', 'me-llama' or 'llama2-chat', got {self.template!r}")
         if self.on_error not in ("raise", "skip"):
             raise UserError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
-        if self.kind == "cpt" and not self.sources:
-            raise UserError("data.sources: a cpt run needs at least one source")
+        if self.kind != "synthetic" and not self.sources:
+            raise UserError(f"data.sources: a {self.kind} run needs at least one source")
         names = [s.name for s in self.sources]
         for i, source in enumerate(self.sources):
             if not source.name or source.name in names[:i]:
@@ -246,6 +249,8 @@ class DataConfig:
                 raise UserError(f"data.sources[{i}] ({source.name}): no paths")
             if source.format not in ("", *FORMATS):
                 raise UserError(f"data.sources[{i}] ({source.name}): format must be one of {', '.join(FORMATS)}")
+            if self.kind == "sft" and source.weight != 1.0:
+                raise UserError(f"data.sources[{i}] ({source.name}): sft uses every record once per epoch; no weight")
             if not source.weight > 0:
                 raise UserError(f"data.sources[{i}] ({source.name}): weight must be positive, got {source.weight}")
 

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mellama_jax.checkpoint import find_params, restore_params, restore_run, run_manager, save_run
 from mellama_jax.config import TrainConfig
 from mellama_jax.data.cpt import cpt_batches
+from mellama_jax.data.sft import sft_batches
 from mellama_jax.data.synthetic import CountingBatches
 from mellama_jax.distributed import initialize
 from mellama_jax.errors import UserError
@@ -224,7 +225,7 @@ def batches(cfg: TrainConfig, first_row: int, rows: int):
     """This process's rows of every global batch, from the configured data; `get_state`/`set_state` resume it."""
     if cfg.data.kind == "synthetic":
         return CountingBatches(cfg.model.vocab_size, cfg.seq_len, rows, cfg.seed, first_row)
-    return cpt_batches(cfg, first_row, rows)
+    return (cpt_batches if cfg.data.kind == "cpt" else sft_batches)(cfg, first_row, rows)
 
 
 def train(cfg: TrainConfig) -> list[dict]:

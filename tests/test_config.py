@@ -119,7 +119,9 @@ def test_the_data_section_selects_sources_and_weights():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("data.kind=sft", r"data.kind must be 'synthetic' or 'cpt'"),
+        ("data.kind=dpo", r"data.kind must be 'synthetic', 'cpt' or 'sft'"),
+        ("data.template=alpaca", r"data.template must be 'raw', 'me-llama' or 'llama2-chat'"),
+        ("data.kind=sft", r"data.sources: a sft run needs at least one source"),
         ("data.kind=cpt", r"data.sources: a cpt run needs at least one source"),
         ("data.sources=[{name: a, paths: [x], colour: red}]", r"unknown key 'data.sources\[0\].colour'"),
         ("data.sources=[{paths: [x]}]", r"data.sources\[0\]: every source needs a unique name"),

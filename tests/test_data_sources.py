@@ -28,7 +28,7 @@ def write_array_record(path, records):
 
 
 def read_all(docs):
-    return [docs.text(i) for i in range(len(docs))]
+    return [docs.get(i) for i in range(len(docs))]
 
 
 def test_every_format_reads_the_same_documents(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,3 +99,40 @@ def test_launchers_are_detected_only_with_more_than_one_task(monkeypatch):
     monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.0.0.1:34911")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert launcher() == "openmpi"
+
+
+def test_each_process_resumes_its_own_shard_of_a_cpt_corpus(tmp_path, shared_data):
+    from mellama_jax.data.prepare import prepare
+
+    words = np.asarray(["patient", "given", "insulin", "metformin", "for", "diabetes", "control"])
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, rng.integers(5, 80))) for _ in range(80)]
+    (tmp_path / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = shared_data / "llama2_tokenizer.model"
+    prepare([str(tmp_path / "notes.jsonl")], str(tokenizer), tmp_path / "prepared", workers=1)
+    (tmp_path / "run.yaml").write_text(
+        CONFIG.replace("vocab_size: 256", "vocab_size: 32000")
+        .replace("steps: 3", "steps: 4")
+        .replace("checkpoint_every: 3", "checkpoint_every: 2")
+        + f"data: {{kind: cpt, tokenizer: {tokenizer}, sources: [{{name: notes, paths: [{tmp_path / 'prepared'}],"
+        + " format: prepared}]}\n"
+    )
+
+    def two_processes() -> list[dict]:
+        joined = [f"distributed.coordinator=127.0.0.1:{free_port()}", "distributed.num_processes=2"]
+        processes = [launch(tmp_path, "run", 2, *joined, f"distributed.process_id={i}") for i in range(2)]
+        for process, err in [(p, p.communicate(timeout=300)[1]) for p in processes]:
+            assert process.returncode == 0, err[-3000:]
+        return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    straight = two_processes()
+    data = tmp_path / "run" / "checkpoints" / "2" / "data"
+    states = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert states[0] != states[1]  # each process is somewhere else in its own shard
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # lost: both processes go back to step 2
+    resumed = two_processes()
+    same = lambda rows: [(r["step"], r["loss"], r["grad_norm"]) for r in rows]  # noqa: E731
+    assert same(resumed) == same(straight) and len(straight) == 4
+    alone = launch(tmp_path, "run", 4, "steps=6")  # one process cannot take over two processes' positions
+    _, err = alone.communicate(timeout=300)
+    assert alone.returncode == 2 and "written by 2 processes" in err

@@ -93,6 +93,13 @@ def test_byte_level_bpe_ids_equal_tokenizers(tmp_path, with_bos):
         assert ours.decode(ours.encode(text)) == text  # byte-level BPE is lossless
 
 
+def test_byte_level_special_token_text_in_a_document_stays_text(tmp_path):
+    byte_level_bpe(tmp_path, with_bos=False)
+    ours = load_tokenizer(tmp_path)
+    ids = ours.encode("<|end_of_text|>", add_special=False)
+    assert ours.eos_id not in ids and len(ids) > 3  # several ordinary tokens, never the EOS id
+
+
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(UserError, match=f"{tmp_path}: no tokenizer.model or tokenizer.json"):
         load_tokenizer(tmp_path)

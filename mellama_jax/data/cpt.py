@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import pathlib
 from collections.abc import Callable
 
@@ -31,12 +32,18 @@ from mellama_jax.data.tokenizer import TOKENIZER_MODEL_FILES, check_vocab, load_
 from mellama_jax.errors import UserError
 
 
+@functools.lru_cache(maxsize=64)
+def shuffled(count: int, seed: int, epoch: int) -> grain.MapDataset:
+    """The order of `count` items in `epoch`: a lazy seeded permutation (no index array is built)."""
+    return grain.MapDataset.range(count).shuffle(seed=int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
 class Stream:
     """One source's documents for one data shard, as BOS + ids + EOS arrays, epoch by epoch."""
 
     def __init__(self, name: str, count: int, ids: Callable[[int], np.ndarray | None], bos: int, eos: int, seed: int):
         self.name, self.count, self.ids, self.bos, self.eos, self.seed = name, count, ids, bos, eos, seed
-        self.shard, self.shards, self._order = 0, 1, (-1, None)
+        self.shard, self.shards = 0, 1
 
     def split(self, shard: int, shards: int) -> Stream:
         if self.count < shards:
@@ -49,10 +56,7 @@ class Stream:
         return len(range(self.shard, self.count, self.shards))
 
     def tokens(self, epoch: int, k: int) -> np.ndarray | None:
-        if self._order[0] != epoch:
-            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-            self._order = (epoch, grain.MapDataset.range(self.count).shuffle(seed=seed))
-        ids = self.ids(int(self._order[1][k * self.shards + self.shard]))
+        ids = self.ids(int(shuffled(self.count, self.seed, epoch)[k * self.shards + self.shard]))
         return None if ids is None else np.concatenate([[self.bos], ids, [self.eos]]).astype(np.int32)
 
 
@@ -147,13 +151,14 @@ def _stream(source: SourceConfig, index: int, cfg: TrainConfig, tokenizer) -> St
     docs = open_documents(source.name, source.paths, source.format, source.text_field, cfg.data.on_error)
 
     def ids(i: int) -> np.ndarray | None:
-        text = docs.text(i)
+        text = docs.get(i)
         return None if text is None else np.asarray(tokenizer.encode(text, add_special=False), np.int32)
 
     return Stream(source.name, len(docs), ids, tokenizer.bos_id, tokenizer.eos_id, seed)
 
 
-def _tokenizer(cfg: TrainConfig):
+def tokenizer_for(cfg: TrainConfig):
+    """The tokenizer raw sources are read with (data.tokenizer, else init_from's); None if all are prepared."""
     raw = [s.name for s in cfg.data.sources if s.format != "prepared"]
     path = cfg.data.tokenizer or cfg.init_from
     if not raw:
@@ -172,7 +177,7 @@ def _tokenizer(cfg: TrainConfig):
 
 def cpt_batches(cfg: TrainConfig, first_row: int, rows: int) -> Mixture:
     """This process's batches: rows first_row .. first_row + rows - 1 of every global batch."""
-    tokenizer = _tokenizer(cfg)
+    tokenizer = tokenizer_for(cfg)
     shard, shards = first_row // rows, cfg.global_batch // rows
     streams = [_stream(s, i, cfg, tokenizer).split(shard, shards) for i, s in enumerate(cfg.data.sources)]
     budget = cfg.data.token_budget // shards if cfg.data.token_budget else 0

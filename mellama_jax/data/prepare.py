@@ -42,7 +42,7 @@ def _tokenize_file(path: str, fmt: str, field: str, on_error: str, shard: str) -
     writer = ArrayRecordWriter(shard, "group_size:1")  # one record per chunk: cheap random access
     count = tokens = 0
     for i in range(len(documents)):
-        text = documents.text(i)
+        text = documents.get(i)
         if text is None:
             continue
         ids = np.asarray(_worker_tokenizer.encode(text, add_special=False), np.int32)

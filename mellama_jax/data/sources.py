@@ -8,6 +8,7 @@ is skipped and counted. Error messages never quote the text (clinical corpora ar
 
 Formats: `jsonl` (one JSON object per line, text in `text_field`), `text` (one document per file),
 `parquet` (a string column `text_field`), `array_record` (records are JSON objects like JSONL lines).
+With an empty `text_field`, JSONL and array_record documents are whole JSON objects (SFT records).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class BadRecord(Exception):
 
 
 class Documents:
-    """A source's documents, `text(i)` for i < len; a malformed one raises UserError or is skipped (None)."""
+    """A source's documents, `get(i)` for i < len; a malformed one raises UserError or is skipped (None)."""
 
     def __init__(self, name: str, files: list[pathlib.Path], counts: list[int], on_error: str):
         self.name, self.files, self.on_error, self.skipped = name, files, on_error, 0
@@ -63,24 +64,34 @@ class Documents:
         file = int(np.searchsorted(self.starts, i, side="right")) - 1
         return file, i - int(self.starts[file])
 
-    def read(self, file: int, local: int) -> str:
+    def read(self, file: int, local: int) -> str | dict:
         raise NotImplementedError
 
-    def text(self, i: int) -> str | None:
+    def where(self, i: int) -> str:
+        """Document i's place, as an error names it: FILE:LINE, FILE:record N, FILE:row N or FILE."""
+        raise NotImplementedError
+
+    def get(self, i: int) -> str | dict | None:
         try:
             return self.read(*self._locate(i))
         except BadRecord as e:
-            if self.on_error == "raise":
-                raise UserError(f"{e} (set data.on_error: skip to skip such records)") from None
-            self.skipped += 1
-            if self.skipped <= LOGGED_SKIPS:
-                log.warning("source %s: skipped %s", self.name, e)
-            return None
+            return self.reject(str(e))
+
+    def reject(self, message: str) -> None:
+        """A malformed document: a UserError, or with on_error "skip" a warning (place only) and a count."""
+        if self.on_error == "raise":
+            raise UserError(f"{message} (set data.on_error: skip to skip such records)")
+        self.skipped += 1
+        if self.skipped <= LOGGED_SKIPS:
+            log.warning("source %s: skipped %s", self.name, message)
 
 
-def _field(record: object, field: str, where: str) -> str:
+def _field(record: object, field: str, where: str) -> str | dict:
+    """The record's `field` string; with field "", the whole record (SFT reads several fields)."""
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if not field:
+        return record
     if field not in record:
         raise BadRecord(f"{where}: no {field!r} field")
     if not isinstance(record[field], str):
@@ -88,7 +99,7 @@ def _field(record: object, field: str, where: str) -> str:
     return record[field]
 
 
-def _json_text(raw: bytes, field: str, where: str) -> str:
+def _json_text(raw: bytes, field: str, where: str) -> str | dict:
     try:
         return _field(json.loads(raw), field, where)
     except UnicodeDecodeError as e:
@@ -114,7 +125,11 @@ class JsonlDocuments(Documents):
             self.lines.append(np.asarray(lines, np.int64))
         super().__init__(name, files, [len(o) for o in self.offsets], on_error)
 
-    def read(self, file: int, local: int) -> str:
+    def where(self, i: int) -> str:
+        file, local = self._locate(i)
+        return f"{self.files[file]}:{self.lines[file][local]}"
+
+    def read(self, file: int, local: int) -> str | dict:
         with open(self.files[file], "rb") as f:
             f.seek(int(self.offsets[file][local]))
             raw = f.readline().rstrip(b"\r\n")
@@ -126,6 +141,9 @@ class TextDocuments(Documents):
 
     def __init__(self, name: str, files: list[pathlib.Path], on_error: str):
         super().__init__(name, files, [1] * len(files), on_error)
+
+    def where(self, i: int) -> str:
+        return str(self.files[i])
 
     def read(self, file: int, local: int) -> str:
         raw = self.files[file].read_bytes()
@@ -152,6 +170,10 @@ class ParquetDocuments(Documents):
                 raise UserError(f"{path}: no column {field!r} (columns: {', '.join(table.schema_arrow.names)})")
             self.tables.append(table)
         super().__init__(name, files, [t.metadata.num_rows for t in self.tables], on_error)
+
+    def where(self, i: int) -> str:
+        file, local = self._locate(i)
+        return f"{self.files[file]}:row {local + 1}"
 
     def read(self, file: int, local: int) -> str:
         table = self.tables[file]
@@ -182,8 +204,12 @@ class ArrayRecordDocuments(Documents):
                 raise UserError(f"{path}: not an array_record file ({str(e).splitlines()[0][:120]})") from None
         super().__init__(name, files, [len(r) for r in self.readers], on_error)
 
-    def read(self, file: int, local: int) -> str:
-        return _json_text(self.readers[file][local], self.field, f"{self.files[file]}:record {local + 1}")
+    def where(self, i: int) -> str:
+        file, local = self._locate(i)
+        return f"{self.files[file]}:record {local + 1}"
+
+    def read(self, file: int, local: int) -> str | dict:
+        return _json_text(self.readers[file][local], self.field, self.where(int(self.starts[file]) + local))
 
 
 def open_documents(name: str, patterns: Sequence[str], fmt: str, field: str, on_error: str) -> Documents:

@@ -113,6 +113,9 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the library raises a bare Exception for malformed files
             raise UserError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # Special-token text inside a document (a note quoting "<|end_of_text|>") stays text, as SentencePiece
+        # keeps "</s>": only the pipeline places BOS/EOS, so no corpus can inject them.
+        self.tok.encode_special_tokens = True
         self._read_specials(config, None, None)
         # The file's post-processor decides; an empty text shows what it adds.
         added = self.tok.encode("", add_special_tokens=True).ids

@@ -1,0 +1,187 @@
+"""SFT data: instruction records become packed rows whose loss covers the answers (+ EOS) only.
+
+- Records: Me-LLaMA's `{"conversations": [{"from": "human"|"agent", "value": ...}, ...]}` (multi-turn:
+  every agent turn is trained on, after the turns before it), or Alpaca's `{instruction, input, output}`.
+- Templates wrap each prompt; answers are never wrapped:
+  `raw` (the prompt as it is), `me-llama` ("Human: \\n{prompt}\\n\\nAssistant: \\n", DESIGN §1), and
+  `llama2-chat` ("[INST] {prompt} [/INST]", with BOS before every turn as Llama-2 chat has it).
+- A sample is BOS, then per turn the wrapped prompt (masked out of the loss) and the answer + EOS (trained).
+- Over-long samples: the first prompt loses tokens from its left (the wrapper stays) until the sample
+  fits, and is counted as truncated. A sample that cannot fit even so is skipped and counted. An answer
+  is never cut.
+- Packing: whole samples back to back, with segment ids and positions restarting per sample. A sample
+  that does not fit the rest of a row starts the next one, and the rest of the row is padding.
+- Order and state are the CPT mixture's: a seeded permutation per epoch, every S-th sample per data shard,
+  and a JSON state (epoch, next, pending sample, counts) that resumes to the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+
+from mellama_jax.config import TrainConfig
+from mellama_jax.data.cpt import shuffled, tokenizer_for
+from mellama_jax.data.sources import BadRecord, Documents, open_documents
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = {  # name -> (prompt wrapper, BOS before every turn)
+    "raw": ("{prompt}", False),
+    "me-llama": ("Human: \n{prompt}\n\nAssistant: \n", False),
+    "llama2-chat": ("[INST] {prompt} [/INST]", True),
+}
+
+
+def turns(record: dict, where: str) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of one record, checked."""
+    if "conversations" in record:
+        conversation = record["conversations"]
+        if not isinstance(conversation, list) or not conversation or len(conversation) % 2:
+            raise BadRecord(f"{where}: 'conversations' must be a non-empty list of human/agent turn pairs")
+        for i, turn in enumerate(conversation):
+            speaker = "human" if i % 2 == 0 else "agent"
+            if not isinstance(turn, dict) or turn.get("from") != speaker or not isinstance(turn.get("value"), str):
+                raise BadRecord(f"{where}: turn {i + 1} must be {{'from': '{speaker}', 'value': <string>}}")
+        return [(conversation[i]["value"], conversation[i + 1]["value"]) for i in range(0, len(conversation), 2)]
+    if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise BadRecord(f"{where}: 'input' must be a string")
+        return [(record["instruction"] + (f"\n\n{extra}" if extra else ""), record["output"])]
+    raise BadRecord(f"{where}: neither 'conversations' nor string 'instruction' and 'output' fields")
+
+
+def encode(pairs: list[tuple[str, str]], template: str, tokenizer: Tokenizer, cut: int = 0) -> tuple[list, list]:
+    """Token ids and loss mask of one sample; `cut` tokens dropped from the left of the first prompt."""
+    wrapper, bos_every_turn = TEMPLATES[template]
+    ids, mask = [], []
+    for t, (prompt, answer) in enumerate(pairs):
+        if t == 0 and cut:
+            prompt = tokenizer.decode(tokenizer.encode(prompt, add_special=False)[cut:])
+        if t == 0 or bos_every_turn:
+            ids, mask = ids + [tokenizer.bos_id], mask + [0]
+        prompt_ids = tokenizer.encode(wrapper.format(prompt=prompt), add_special=False)
+        answer_ids = tokenizer.encode(answer, add_special=False) + [tokenizer.eos_id]
+        ids, mask = ids + prompt_ids + answer_ids, mask + [0] * len(prompt_ids) + [1] * len(answer_ids)
+    return ids, mask
+
+
+class Samples:
+    """The records of all SFT sources, as token ids + loss mask that fit `max_len`."""
+
+    def __init__(self, sources: list[Documents], template: str, tokenizer: Tokenizer, max_len: int):
+        self.sources, self.template, self.tokenizer, self.max_len = sources, template, tokenizer, max_len
+        self.starts = np.cumsum([0] + [len(s) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def get(self, i: int) -> tuple[tuple[list, list] | None, str]:
+        """(ids, mask), or None for a skipped record; and "", "truncated" or "too long"."""
+        source = int(np.searchsorted(self.starts, i, side="right")) - 1
+        docs, local = self.sources[source], i - int(self.starts[source])
+        record = docs.get(local)
+        if record is None:
+            return None, ""
+        try:
+            pairs = turns(record, docs.where(local))
+        except BadRecord as e:
+            return docs.reject(str(e)), ""
+        ids, mask = encode(pairs, self.template, self.tokenizer)
+        if len(ids) <= self.max_len:
+            return (ids, mask), ""
+        first_prompt = len(self.tokenizer.encode(pairs[0][0], add_special=False))
+        cut = 0
+        while len(ids) > self.max_len and cut < first_prompt:
+            cut = min(first_prompt, cut + len(ids) - self.max_len)
+            ids, mask = encode(pairs, self.template, self.tokenizer, cut)
+        return ((ids, mask), "truncated") if len(ids) <= self.max_len else (None, "too long")
+
+
+class SFTBatches:
+    """An iterator of packed SFT batches {tokens, positions, segment_ids, loss_mask}, each [rows, seq_len]."""
+
+    def __init__(self, samples: Samples, seq_len: int, rows: int, seed: int, shard: int, shards: int, epochs: int):
+        if len(samples) < shards:
+            raise UserError(f"data: {len(samples)} SFT records cannot feed {shards} data shards")
+        self.samples, self.seq_len, self.rows, self.seed, self.epochs = samples, seq_len, rows, seed, epochs
+        self.shard, self.shards, self.length = shard, shards, len(range(shard, len(samples), shards))
+        self.set_state({"epoch": 0, "next": 0, "pending": None, "done": False, "truncated": 0, "too_long": 0})
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def set_state(self, state: dict) -> None:
+        self.state, self.hand = copy.deepcopy(state), None
+        if self.state["pending"] is not None:  # the sample that did not fit the last row, read again
+            epoch, k = self.state["pending"]
+            self.hand = self.samples.get(self._position(epoch, k))[0]
+
+    def _position(self, epoch: int, k: int) -> int:
+        return int(shuffled(len(self.samples), self.seed, epoch)[k * self.shards + self.shard])
+
+    def _take(self) -> tuple[list, list] | None:
+        """The next sample that fits, put in hand (state "pending"); None when the data has ended."""
+        while True:
+            s = self.state
+            if s["next"] == self.length:
+                if self.epochs and s["epoch"] + 1 >= self.epochs:
+                    return None
+                s["epoch"], s["next"] = s["epoch"] + 1, 0
+            k, s["next"] = s["next"], s["next"] + 1
+            sample, note = self.samples.get(self._position(s["epoch"], k))
+            if note == "truncated":
+                s["truncated"] += 1
+            elif note == "too long":
+                s["too_long"] += 1
+                log.warning("skipped an SFT sample whose answers alone exceed seq_len %d", self.seq_len)
+            if sample is not None:
+                s["pending"], self.hand = [s["epoch"], k], sample
+                return sample
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.state["done"]:
+            raise StopIteration
+        shape = (self.rows, self.seq_len)
+        tokens, positions, segments, mask = (np.zeros(shape, np.int32) for _ in range(4))
+        for row in range(self.rows):
+            t, segment = 0, 0
+            while True:
+                sample = self.hand if self.state["pending"] else self._take()
+                if sample is None:
+                    self.state["done"] = True
+                    break
+                ids, loss = sample
+                if len(ids) > self.seq_len - t:  # kept in hand for the next row
+                    break
+                segment += 1
+                tokens[row, t : t + len(ids)], mask[row, t : t + len(ids)] = ids, loss
+                positions[row, t : t + len(ids)], segments[row, t : t + len(ids)] = np.arange(len(ids)), segment
+                t, self.state["pending"], self.hand = t + len(ids), None, None
+            if self.state["done"]:
+                break
+        if not segments.any():
+            raise StopIteration
+        return {"tokens": tokens, "positions": positions, "segment_ids": segments, "loss_mask": mask}
+
+
+def sft_batches(cfg: TrainConfig, first_row: int, rows: int) -> SFTBatches:
+    """This process's rows of every global batch of the SFT records the config names."""
+    tokenizer = tokenizer_for(cfg)
+    sources = []
+    for source in cfg.data.sources:
+        if source.format not in ("", "jsonl", "array_record"):
+            raise UserError(f"source {source.name}: SFT records are JSONL or array_record, not {source.format}")
+        sources.append(open_documents(source.name, source.paths, source.format, "", cfg.data.on_error))
+    samples = Samples(sources, cfg.data.template, tokenizer, cfg.seq_len)
+    return SFTBatches(
+        samples, cfg.seq_len, rows, cfg.seed, first_row // rows, cfg.global_batch // rows, cfg.data.epochs
+    )
