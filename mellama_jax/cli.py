@@ -79,13 +79,13 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _add_prepare(commands) -> None:
-    from mellama_jax.config import FORMATS
+    from mellama_jax.data.sources import EXTENSIONS
 
     prepare = commands.add_parser("prepare", help="tokenize corpora into array_record shards + a manifest")
     prepare.add_argument("sources", nargs="+", metavar="SOURCES", help="files, folders or glob patterns")
     prepare.add_argument("--tokenizer", required=True, help="tokenizer.model / tokenizer.json, or a folder with one")
     prepare.add_argument("--out", required=True, type=pathlib.Path, help="the prepared corpus folder")
-    prepare.add_argument("--format", default="", choices=("", *FORMATS[:-1]), help="default: from the extension")
+    prepare.add_argument("--format", default="", choices=("", *EXTENSIONS.values()), help="default: from the extension")
     prepare.add_argument("--text-field", default="text", help="jsonl/parquet/array_record field (default text)")
     prepare.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="malformed records")
     prepare.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core)")

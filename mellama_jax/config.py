@@ -206,7 +206,7 @@ class OptimConfig:
             raise UserError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
 
 
-FORMATS = ("jsonl", "text", "parquet", "array_record", "prepared")
+FORMATS = ("jsonl", "text", "parquet", "array_record", "tfds", "prepared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,10 +214,12 @@ class SourceConfig:
     """One named corpus of the CPT mixture (data/sources.py reads it)."""
 
     name: str = ""
-    paths: tuple[str, ...] = ()  # files, folders or glob patterns
+    paths: tuple[str, ...] = ()  # files, folders or glob patterns; tfds: the dataset name ("name/config:1.0.0")
     format: str = ""  # one of FORMATS; "" = from the file extension (.jsonl .txt .parquet .array_record)
-    text_field: str = "text"  # jsonl / parquet / array_record: the field holding a document's text
+    text_field: str = "text"  # jsonl / parquet / array_record / tfds: the field holding a document's text
     weight: float = 1.0  # share of the mixture's *tokens* (relative to the other sources' weights)
+    split: str = "train"  # tfds only
+    data_dir: str = ""  # tfds only: where the prepared dataset lies ("" = TFDS's default)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,3 +110,35 @@ def test_empty_missing_and_unknown_sources_are_errors(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(UserError, match=r"source d: .*dir holds no files"):
         open_documents("d", [str(tmp_path / "dir")], "", "text", "raise")
+
+
+def build_tfds_notes(data_dir, notes):
+    """A TFDS dataset prepared here in array_record format (TFDS builds and reads it without TensorFlow)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class ClinicalNotes(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"note": tfds.features.Text()})
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            yield from ((i, {"note": note}) for i, note in enumerate(notes))
+
+    ClinicalNotes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_tfds_datasets_read_through_data_source(tmp_path):
+    build_tfds_notes(tmp_path, NOTES)
+    docs = open_documents("tfds", ["clinical_notes"], "tfds", "note", "raise", "train", str(tmp_path))
+    assert sorted(read_all(docs)) == sorted(NOTES)
+    assert docs.where(1) == "tfds:clinical_notes[train]:record 2"
+    with pytest.raises(UserError, match=r"tfds:clinical_notes\[train\]:record 1: no 'text' field"):
+        open_documents("tfds", ["clinical_notes"], "tfds", "text", "raise", "train", str(tmp_path)).get(0)
+    with pytest.raises(UserError, match=r"source gone: tfds no_such_notes\[train\]: "):
+        open_documents("gone", ["no_such_notes"], "tfds", "note", "raise", "train", str(tmp_path))

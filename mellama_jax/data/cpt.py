@@ -148,7 +148,8 @@ def _stream(source: SourceConfig, index: int, cfg: TrainConfig, tokenizer) -> St
             raise UserError(f"source {source.name}: prepared with a {meta['vocab_size']}-token vocabulary, "
                             f"but the model's vocab_size is {cfg.model.vocab_size}")  # fmt: skip
         return Stream(source.name, len(docs), docs.ids, meta["bos_id"], meta["eos_id"], seed)
-    docs = open_documents(source.name, source.paths, source.format, source.text_field, cfg.data.on_error)
+    docs = open_documents(source.name, source.paths, source.format, source.text_field, cfg.data.on_error,
+                          source.split, source.data_dir)  # fmt: skip
 
     def ids(i: int) -> np.ndarray | None:
         text = docs.get(i)

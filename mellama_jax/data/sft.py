@@ -178,9 +178,10 @@ def sft_batches(cfg: TrainConfig, first_row: int, rows: int) -> SFTBatches:
     tokenizer = tokenizer_for(cfg)
     sources = []
     for source in cfg.data.sources:
-        if source.format not in ("", "jsonl", "array_record"):
-            raise UserError(f"source {source.name}: SFT records are JSONL or array_record, not {source.format}")
-        sources.append(open_documents(source.name, source.paths, source.format, "", cfg.data.on_error))
+        if source.format not in ("", "jsonl", "array_record", "tfds"):
+            raise UserError(f"source {source.name}: SFT records are JSONL, array_record or tfds, not {source.format}")
+        fmt, on_error = source.format, cfg.data.on_error
+        sources.append(open_documents(source.name, source.paths, fmt, "", on_error, source.split, source.data_dir))
     samples = Samples(sources, cfg.data.template, tokenizer, cfg.seq_len)
     return SFTBatches(
         samples, cfg.seq_len, rows, cfg.seed, first_row // rows, cfg.global_batch // rows, cfg.data.epochs

@@ -1,4 +1,4 @@
-"""Corpora as random-access document collections: JSONL, plain text, Parquet and array_record files.
+"""Corpora as random-access document collections: JSONL, plain text, Parquet, array_record and TFDS.
 
 Opening a source scans its files once for where each document is (JSONL line offsets, Parquet row counts,
 array_record record counts), so the CPT mixture can visit documents in any seeded order, resume at an
@@ -7,8 +7,9 @@ malformed one stops the run with an error naming its file and line/record, or wi
 is skipped and counted. Error messages never quote the text (clinical corpora are sensitive).
 
 Formats: `jsonl` (one JSON object per line, text in `text_field`), `text` (one document per file),
-`parquet` (a string column `text_field`), `array_record` (records are JSON objects like JSONL lines).
-With an empty `text_field`, JSONL and array_record documents are whole JSON objects (SFT records).
+`parquet` (a string column `text_field`), `array_record` (records are JSON objects like JSONL lines),
+`tfds` (a prepared TFDS dataset split, read through `tfds.data_source`, without TensorFlow). With an
+empty `text_field`, documents are whole records (SFT reads several fields).
 """
 
 from __future__ import annotations
@@ -212,8 +213,43 @@ class ArrayRecordDocuments(Documents):
         return _json_text(self.readers[file][local], self.field, self.where(int(self.starts[file]) + local))
 
 
-def open_documents(name: str, patterns: Sequence[str], fmt: str, field: str, on_error: str) -> Documents:
+class TfdsDocuments(Documents):
+    """One document per example of a prepared TFDS dataset split (array_record files; no TensorFlow needed)."""
+
+    def __init__(self, name: str, dataset: str, split: str, data_dir: str, field: str, on_error: str):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise UserError(
+                f"source {name}: format tfds needs tensorflow-datasets (pip install tensorflow-datasets)"
+            ) from None
+        try:
+            self.source = tfds.data_source(dataset, split=split, data_dir=data_dir or None)
+        except Exception as e:  # tfds raises its own not-found and format errors
+            raise UserError(f"source {name}: tfds {dataset}[{split}]: {str(e).splitlines()[0][:200]}") from None
+        self.field, self.label = field, f"tfds:{dataset}[{split}]"
+        super().__init__(name, [pathlib.Path(self.label)], [len(self.source)], on_error)
+
+    def where(self, i: int) -> str:
+        return f"{self.label}:record {i + 1}"
+
+    def read(self, file: int, local: int) -> str | dict:
+        example, where = self.source[local], self.where(local)
+        try:
+            record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in dict(example).items()}
+        except UnicodeDecodeError as e:
+            raise BadRecord(f"{where}: not UTF-8 (byte {e.start})") from None
+        return _field(record, self.field, where)
+
+
+def open_documents(
+    name: str, patterns: Sequence[str], fmt: str, field: str, on_error: str, split: str = "train", data_dir: str = ""
+) -> Documents:
     """The documents of one raw source; `fmt` "" picks the format from the files' extension."""
+    if fmt == "tfds":
+        if len(patterns) != 1:
+            raise UserError(f"source {name}: a tfds source names one dataset, got {len(patterns)} paths")
+        return TfdsDocuments(name, patterns[0], split, data_dir, field, on_error)
     files = expand(patterns)
     if not files:
         raise UserError(f"source {name}: {', '.join(patterns)} holds no files")
@@ -223,12 +259,9 @@ def open_documents(name: str, patterns: Sequence[str], fmt: str, field: str, on_
             known = ", ".join(EXTENSIONS)
             raise UserError(f"source {name}: set its format; the file extensions do not say one ({known})")
         fmt = kinds.pop()
-    if fmt == "jsonl":
-        return JsonlDocuments(name, files, field, on_error)
+    readers = {"jsonl": JsonlDocuments, "parquet": ParquetDocuments, "array_record": ArrayRecordDocuments}
     if fmt == "text":
         return TextDocuments(name, files, on_error)
-    if fmt == "parquet":
-        return ParquetDocuments(name, files, field, on_error)
-    if fmt == "array_record":
-        return ArrayRecordDocuments(name, files, field, on_error)
-    raise UserError(f"source {name}: format {fmt!r} is not a raw format (jsonl, text, parquet, array_record)")
+    if fmt in readers:
+        return readers[fmt](name, files, field, on_error)
+    raise UserError(f"source {name}: format {fmt!r} is not a raw format (jsonl, text, parquet, array_record, tfds)")
