@@ -105,3 +105,52 @@ def test_a_malformed_corpus_line_stops_training_with_file_and_line(tmp_path, tok
     (tmp_path / "run.yaml").write_text(config(tmp_path, tokenizer))
     assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
     assert f"mellama train: error: {bad}:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_data_setup_errors_are_one_line_and_name_the_culprit(tmp_path, tokenizer):
+    import dataclasses
+
+    from mellama_jax.config import DataConfig, ModelConfig, SourceConfig, TrainConfig
+    from mellama_jax.data.cpt import cpt_batches
+    from mellama_jax.data.sft import sft_batches
+    from mellama_jax.errors import UserError
+
+    write_jsonl(tmp_path / "notes.jsonl", notes(3, 0))
+    main(["prepare", str(tmp_path / "notes.jsonl"), "--tokenizer", tokenizer, "--out", str(tmp_path / "prepared")])
+    raw = SourceConfig(name="notes", paths=(str(tmp_path / "notes.jsonl"),))
+    prepared = SourceConfig(name="pubmed", paths=(str(tmp_path / "prepared"),), format="prepared")
+    base = TrainConfig(model=ModelConfig.tiny(vocab_size=32000), seq_len=32, global_batch=4, micro_batches=1)
+
+    def fails(message, data, cfg=base, build=cpt_batches, rows=4):
+        with pytest.raises(UserError, match=message) as err:
+            build(dataclasses.replace(cfg, data=data), 0, rows)
+        assert "\n" not in str(err.value)
+
+    fails(r"data.tokenizer: source notes is raw text; name a tokenizer", DataConfig(kind="cpt", sources=(raw,)))
+    (tmp_path / "empty").mkdir()
+    fails(r"data.tokenizer: .*empty holds no tokenizer.model or tokenizer.json",
+          DataConfig(kind="cpt", sources=(raw,), tokenizer=str(tmp_path / "empty")))  # fmt: skip
+    small = dataclasses.replace(base, model=ModelConfig.tiny(vocab_size=512))
+    fails(r"data.tokenizer: tokenizer has 32000 tokens but the model's vocab_size is 512",
+          DataConfig(kind="cpt", sources=(raw,), tokenizer=tokenizer), small)  # fmt: skip
+    fails(r"source pubmed: prepared with a 32000-token vocabulary, but the model's vocab_size is 512",
+          DataConfig(kind="cpt", sources=(prepared,)), small)  # fmt: skip
+    two = dataclasses.replace(prepared, paths=(str(tmp_path / "prepared"), str(tmp_path / "prepared")))
+    fails(r"source pubmed: a prepared source is one folder, got 2 paths", DataConfig(kind="cpt", sources=(two,)))
+    fails(r"manifest\.json: not a prepared corpus \(\[Errno 2\] No such file",
+          DataConfig(kind="cpt", sources=(dataclasses.replace(prepared, paths=(str(tmp_path),)),)))  # fmt: skip
+    fails(r"source notes: 3 documents cannot feed 4 data shards",
+          DataConfig(kind="cpt", sources=(raw,), tokenizer=tokenizer), rows=1)  # fmt: skip
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["x"] * 3)
+    bad.write_text("not json\n" * 3)
+    skipping = SourceConfig(name="bad", paths=(str(bad),))
+    with pytest.raises(UserError, match=r"source bad: every record of this shard is malformed"):
+        data = DataConfig(kind="cpt", sources=(skipping,), tokenizer=tokenizer, on_error="skip")
+        next(cpt_batches(dataclasses.replace(base, data=data), 0, 4))
+    parquet = SourceConfig(name="pq", paths=("x.parquet",), format="parquet")
+    fails(r"source pq: SFT records are JSONL, array_record or tfds, not parquet",
+          DataConfig(kind="sft", sources=(parquet,), tokenizer=tokenizer), build=sft_batches)  # fmt: skip
+    assert (
+        main(["prepare", str(tmp_path / "notes.jsonl"), "--tokenizer", tokenizer, "--out", str(tmp_path / "prepared")])
+        == 2
+    )

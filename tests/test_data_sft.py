@@ -1,6 +1,7 @@
 """SFT samples with LLaMA-2's tokenizer: the loss covers exactly the answers, prompts are cut, never answers."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def test_the_loss_mask_covers_exactly_the_answers(tmp_path, tokenizer, template)
     assert expected.strip() in [p.strip() for p in prompts]
 
 
-def test_an_over_long_prompt_is_cut_from_the_left_and_an_over_long_answer_skips_the_sample(tmp_path, tokenizer):
+def test_an_over_long_prompt_is_cut_from_the_left_and_an_over_long_answer_skips_the_sample(tmp_path, tokenizer, caplog):
     long_prompt = " ".join(f"finding{i}" for i in range(200)) + " What is the diagnosis?"
     records = [
         {"instruction": long_prompt, "output": "Sepsis."},
@@ -79,7 +80,10 @@ def test_an_over_long_prompt_is_cut_from_the_left_and_an_over_long_answer_skips_
         RECORDS[3],
     ]
     data = batches(tmp_path, tokenizer, "me-llama", records, seq_len=64, rows=1)
-    samples = [(tokens, mask) for batch in data for tokens, mask, _ in segments(batch)]
+    with caplog.at_level(logging.WARNING, logger="mellama_jax"):
+        samples = [(tokens, mask) for batch in data for tokens, mask, _ in segments(batch)]
+    assert "sft.jsonl:1 longer than seq_len 64: cut its prompt from the left" in caplog.text
+    assert "sft.jsonl:2 longer than seq_len 64: skipped it" in caplog.text and "finding1" not in caplog.text
     assert data.get_state()["truncated"] == 1 and data.get_state()["too_long"] == 1 and len(samples) == 2
     cut = next(tokens for tokens, mask in samples if tokenizer.decode(tokens[mask == 1][:-1].tolist()) == "Sepsis.")
     assert len(cut) == 64 and tokenizer.decode(cut.tolist()).rstrip().endswith(

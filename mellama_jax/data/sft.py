@@ -24,7 +24,7 @@ import numpy as np
 
 from mellama_jax.config import TrainConfig
 from mellama_jax.data.cpt import shuffled, tokenizer_for
-from mellama_jax.data.sources import BadRecord, Documents, open_documents
+from mellama_jax.data.sources import LOGGED_SKIPS, BadRecord, Documents, open_documents
 from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.errors import UserError
 
@@ -81,10 +81,17 @@ class Samples:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _locate(self, i: int) -> tuple[Documents, int]:
+        source = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.sources[source], i - int(self.starts[source])
+
+    def where(self, i: int) -> str:
+        docs, local = self._locate(i)
+        return docs.where(local)
+
     def get(self, i: int) -> tuple[tuple[list, list] | None, str]:
         """(ids, mask), or None for a skipped record; and "", "truncated" or "too long"."""
-        source = int(np.searchsorted(self.starts, i, side="right")) - 1
-        docs, local = self.sources[source], i - int(self.starts[source])
+        docs, local = self._locate(i)
         record = docs.get(local)
         if record is None:
             return None, ""
@@ -134,12 +141,16 @@ class SFTBatches:
                     return None
                 s["epoch"], s["next"] = s["epoch"] + 1, 0
             k, s["next"] = s["next"], s["next"] + 1
-            sample, note = self.samples.get(self._position(s["epoch"], k))
-            if note == "truncated":
-                s["truncated"] += 1
-            elif note == "too long":
-                s["too_long"] += 1
-                log.warning("skipped an SFT sample whose answers alone exceed seq_len %d", self.seq_len)
+            position = self._position(s["epoch"], k)
+            sample, note = self.samples.get(position)
+            if note:
+                key = "truncated" if note == "truncated" else "too_long"
+                s[key] += 1
+                if s[key] <= LOGGED_SKIPS:  # then only counted, in the checkpointed data state
+                    what = "cut its prompt from the left" if key == "truncated" else "skipped it: the answers alone"
+                    log.warning(
+                        "SFT sample %s longer than seq_len %d: %s", self.samples.where(position), self.seq_len, what
+                    )
             if sample is not None:
                 s["pending"], self.hand = [s["epoch"], k], sample
                 return sample
