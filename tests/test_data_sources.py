@@ -78,7 +78,11 @@ def test_skip_counts_bad_records_and_never_logs_their_text(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert read_all(docs) == [NOTES[0], None, None, NOTES[1]]
     assert docs.skipped == 2 and "c.jsonl:2: invalid JSON" in caplog.text and "c.jsonl:3: no 'text'" in caplog.text
-    assert "123-45" not in caplog.text
+    assert "skipped malformed record 2," in caplog.text and "123-45" not in caplog.text
+    many = open_documents("notes", [str(write_jsonl(tmp_path / "d.jsonl", ["{"] * 12))], "", "text", "skip")
+    with caplog.at_level(logging.WARNING):
+        read_all(many)
+    assert "source notes: 10 malformed records skipped so far" in caplog.text and "record 6," not in caplog.text
 
 
 def test_bad_text_parquet_and_array_record_inputs_are_named(tmp_path):

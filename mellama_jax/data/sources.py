@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -84,7 +85,9 @@ class Documents:
             raise UserError(f"{message} (set data.on_error: skip to skip such records)")
         self.skipped += 1
         if self.skipped <= LOGGED_SKIPS:
-            log.warning("source %s: skipped %s", self.name, message)
+            log.warning("source %s: skipped malformed record %d, %s", self.name, self.skipped, message)
+        elif math.log10(self.skipped).is_integer():  # 10, 100, 1000, ...: the count, no more places
+            log.warning("source %s: %d malformed records skipped so far", self.name, self.skipped)
 
 
 def _field(record: object, field: str, where: str) -> str | dict:
