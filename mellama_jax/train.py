@@ -214,11 +214,11 @@ def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, Train
     return 0, state
 
 
-def _anywhere(flag: bool) -> bool:
-    """Whether `flag` holds on any process: all processes must save and stop at the same step."""
+def _anywhere(*flags: bool) -> tuple[bool, ...]:
+    """Whether each flag holds on any process (one exchange): all processes must save and stop at the same step."""
     if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+        return flags
+    return tuple(bool(f) for f in multihost_utils.process_allgather(np.asarray(flags, np.int32)).any(axis=0))
 
 
 def batches(cfg: TrainConfig, first_row: int, rows: int):
@@ -264,7 +264,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not lead, unit="step")
     try:
         batch, tick = fetch(), time.perf_counter()
-        if start < cfg.steps and _anywhere(batch is None):
+        if start < cfg.steps and _anywhere(batch is None)[0]:
             log.warning("the data ended at step %d; nothing left to train on", start)
         for step in range(start, cfg.steps if batch is not None else start):
             state, metrics = step_fn(state, batch)  # dispatched: the device runs it while the host goes on
@@ -279,7 +279,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             metrics_log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=row["mfu"])
             bar.update()
-            signalled, ended = _anywhere(bool(stop)), _anywhere(batch is None and step + 1 < cfg.steps)
+            signalled, ended = _anywhere(bool(stop), batch is None and step + 1 < cfg.steps)
             save_run(manager, step + 1, state, data_state, force=signalled or ended or step + 1 == cfg.steps)
             if signalled:
                 log.warning("signal %s: saved step %d, stopping", stop[0] if stop else "on another process", step + 1)

@@ -17,25 +17,17 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 import pathlib
 from collections.abc import Callable
 
-import grain
 import numpy as np
 
 from mellama_jax.config import SourceConfig, TrainConfig
+from mellama_jax.data.packing import PackedBatches, shuffled
 from mellama_jax.data.prepare import PreparedDocuments
 from mellama_jax.data.sources import open_documents
 from mellama_jax.data.tokenizer import TOKENIZER_MODEL_FILES, check_vocab, load_tokenizer
 from mellama_jax.errors import UserError
-
-
-@functools.lru_cache(maxsize=64)
-def shuffled(count: int, seed: int, epoch: int) -> grain.MapDataset:
-    """The order of `count` items in `epoch`: a lazy seeded permutation (no index array is built)."""
-    return grain.MapDataset.range(count).shuffle(seed=int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
 
 
 class Stream:
@@ -60,8 +52,8 @@ class Stream:
         return None if ids is None else np.concatenate([[self.bos], ids, [self.eos]]).astype(np.int32)
 
 
-class Mixture:
-    """An iterator of packed batches {tokens, positions, segment_ids, loss_mask}, each [rows, seq_len]."""
+class Mixture(PackedBatches):
+    """Packed CPT batches from `streams`, mixed by token `weights`."""
 
     def __init__(self, streams: list[Stream], weights: list[float], seq_len: int, rows: int, window: int,
                  epochs: int = 0, token_budget: int = 0):  # fmt: skip
@@ -70,11 +62,7 @@ class Mixture:
         self.set_state({"sources": [{"epoch": 0, "next": 0, "tokens": 0, "skipped": 0} for _ in streams],
                         "piece": None, "done": False})  # fmt: skip
 
-    def get_state(self) -> dict:
-        return copy.deepcopy(self.state)
-
-    def set_state(self, state: dict) -> None:
-        self.state = copy.deepcopy(state)
+    def _restore(self) -> None:
         piece = self.state["piece"]  # [source, epoch, k, offset]: the document in hand, read again
         self.tokens = None if piece is None else self.streams[piece[0]].tokens(piece[1], piece[2])
 
@@ -103,7 +91,7 @@ class Mixture:
             self.state["piece"], self.tokens = [i, source["epoch"], k, 0], tokens
             return True
 
-    def _fill(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray) -> None:
+    def _fill_row(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray, mask: np.ndarray) -> None:
         t, segment = 0, 0
         while t < self.seq_len:
             if self.state["piece"] is None and (self.state["done"] or not self._take_document()):
@@ -115,26 +103,11 @@ class Mixture:
             segment += 1
             tokens[t : t + n] = self.tokens[offset : offset + n]
             positions[t : t + n] = offset % self.window + np.arange(n)
-            segments[t : t + n] = segment
+            segments[t : t + n], mask[t : t + n] = segment, 1
             t, offset = t + n, offset + n
             self.state["piece"][3] = offset
             if offset == len(self.tokens):
                 self.state["piece"], self.tokens = None, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.state["done"]:
-            raise StopIteration
-        shape = (self.rows, self.seq_len)
-        tokens, positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-        for row in range(self.rows):
-            self._fill(tokens[row], positions[row], segments[row])
-        if not segments.any():
-            raise StopIteration
-        mask = (segments != 0).astype(np.int32)
-        return {"tokens": tokens, "positions": positions, "segment_ids": segments, "loss_mask": mask}
 
 
 def _stream(source: SourceConfig, index: int, cfg: TrainConfig, tokenizer) -> Stream:

@@ -17,13 +17,13 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
 
 from mellama_jax.config import TrainConfig
-from mellama_jax.data.cpt import shuffled, tokenizer_for
+from mellama_jax.data.cpt import tokenizer_for
+from mellama_jax.data.packing import PackedBatches, shuffled
 from mellama_jax.data.sources import LOGGED_SKIPS, BadRecord, Documents, open_documents
 from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.errors import UserError
@@ -110,8 +110,8 @@ class Samples:
         return ((ids, mask), "truncated") if len(ids) <= self.max_len else (None, "too long")
 
 
-class SFTBatches:
-    """An iterator of packed SFT batches {tokens, positions, segment_ids, loss_mask}, each [rows, seq_len]."""
+class SFTBatches(PackedBatches):
+    """Packed SFT batches of whole samples."""
 
     def __init__(self, samples: Samples, seq_len: int, rows: int, seed: int, shard: int, shards: int, epochs: int):
         if len(samples) < shards:
@@ -120,11 +120,8 @@ class SFTBatches:
         self.shard, self.shards, self.length = shard, shards, len(range(shard, len(samples), shards))
         self.set_state({"epoch": 0, "next": 0, "pending": None, "done": False, "truncated": 0, "too_long": 0})
 
-    def get_state(self) -> dict:
-        return copy.deepcopy(self.state)
-
-    def set_state(self, state: dict) -> None:
-        self.state, self.hand = copy.deepcopy(state), None
+    def _restore(self) -> None:
+        self.hand = None
         if self.state["pending"] is not None:  # the sample that did not fit the last row, read again
             epoch, k = self.state["pending"]
             self.hand = self.samples.get(self._position(epoch, k))[0]
@@ -155,33 +152,20 @@ class SFTBatches:
                 s["pending"], self.hand = [s["epoch"], k], sample
                 return sample
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.state["done"]:
-            raise StopIteration
-        shape = (self.rows, self.seq_len)
-        tokens, positions, segments, mask = (np.zeros(shape, np.int32) for _ in range(4))
-        for row in range(self.rows):
-            t, segment = 0, 0
-            while True:
-                sample = self.hand if self.state["pending"] else self._take()
-                if sample is None:
-                    self.state["done"] = True
-                    break
-                ids, loss = sample
-                if len(ids) > self.seq_len - t:  # kept in hand for the next row
-                    break
-                segment += 1
-                tokens[row, t : t + len(ids)], mask[row, t : t + len(ids)] = ids, loss
-                positions[row, t : t + len(ids)], segments[row, t : t + len(ids)] = np.arange(len(ids)), segment
-                t, self.state["pending"], self.hand = t + len(ids), None, None
-            if self.state["done"]:
-                break
-        if not segments.any():
-            raise StopIteration
-        return {"tokens": tokens, "positions": positions, "segment_ids": segments, "loss_mask": mask}
+    def _fill_row(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray, mask: np.ndarray) -> None:
+        t, segment = 0, 0
+        while True:
+            sample = self.hand if self.state["pending"] else self._take()
+            if sample is None:
+                self.state["done"] = True
+                return
+            ids, loss = sample
+            if len(ids) > self.seq_len - t:  # kept in hand for the next row
+                return
+            segment += 1
+            tokens[t : t + len(ids)], mask[t : t + len(ids)] = ids, loss
+            positions[t : t + len(ids)], segments[t : t + len(ids)] = np.arange(len(ids)), segment
+            t, self.state["pending"], self.hand = t + len(ids), None, None
 
 
 def sft_batches(cfg: TrainConfig, first_row: int, rows: int) -> SFTBatches:
