@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import typing
-from collections.abc import Sequence
 from typing import Any
-
-import yaml
 
 from mellama_jax.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# ModelConfig fields that change how the model is computed or initialised, not the function its weights compute:
+# a run may set them freely over a checkpoint's model_config.json.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "init_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,12 @@ class ModelConfig:
     remat: str = "full"  # one of REMAT_POLICIES
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len")
+        for name in sizes:
             if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("rms_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise UserError(
@@ -130,20 +134,38 @@ _HF_MUST_BE = {
 }
 
 
-def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+_HF_NULL_MEANS_DEFAULT = ("num_key_value_heads", "head_dim")  # transformers: = num_attention_heads, d / n_heads
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def typed(value: Any, kind: type, what: str) -> Any:
+    """`value`, read from JSON, as a `kind` (an int is a float too, a bool no int); else a UserError naming `what`."""
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise UserError(f"{what} must be {_KINDS[kind]}, got {json.dumps(value, default=repr)}")
+    return value
+
+
+def _from_hf(hf: Any) -> dict[str, Any]:
+    if not isinstance(hf, dict):
+        raise UserError(f"config.json: expected a JSON object of attributes, got a {type(hf).__name__}")
+    kinds = typing.get_type_hints(ModelConfig)
     fields: dict[str, Any] = {}
+    thetas: dict[str, float] = {}  # where each RoPE base is given -> its value
     for key, value in hf.items():
         if key in _HF_FIELDS:
-            fields[_HF_FIELDS[key]] = value
+            if not (value is None and key in _HF_NULL_MEANS_DEFAULT):
+                fields[_HF_FIELDS[key]] = typed(value, kinds[_HF_FIELDS[key]], f"config.json: {key}")
         elif key in _HF_MUST_BE:
             if value not in _HF_MUST_BE[key]:
                 raise UserError(f"config.json: unsupported {key}={value!r} (supported: {_HF_MUST_BE[key]})")
         elif key == "rope_theta":
-            fields["rope_theta"] = float(value)
+            thetas[key] = typed(value, float, "config.json: rope_theta")
         elif key in ("rope_parameters", "rope_scaling"):  # transformers 5 moves rope_theta into these
             theta = _rope_theta(key, value)
             if theta is not None:
-                fields["rope_theta"] = theta
+                thetas[f"{key}.rope_theta"] = theta
         elif key not in _HF_IGNORED and not key.startswith("_"):
             raise UserError(f"config.json: unsupported attribute {key!r}={value!r}; refusing to guess")
     if hf.get("model_type", "llama") != "llama":
@@ -152,19 +174,27 @@ def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                            "num_attention_heads") if k not in hf]  # fmt: skip
     if missing:
         raise UserError(f"config.json: missing required attribute(s) {', '.join(missing)}")
+    first = next(iter(thetas), None)
+    for where, theta in thetas.items():  # transformers 5 silently prefers rope_parameters; we refuse to choose
+        if theta != thetas[first]:
+            raise UserError(f"config.json: {first}={thetas[first]} and {where}={theta} disagree; which RoPE base?")
+    if thetas:
+        fields["rope_theta"] = thetas[first]
     fields.setdefault("n_kv_heads", fields["n_heads"])
-    if fields.get("head_dim") is None:
+    if "head_dim" not in fields and fields["n_heads"] > 0:  # n_heads <= 0 is refused by ModelConfig, by name
         fields["head_dim"] = fields["d_model"] // fields["n_heads"]
     return fields
 
 
-def _rope_theta(key: str, rope: dict[str, Any] | None) -> float | None:
+def _rope_theta(key: str, rope: Any) -> float | None:
     """Accepts only plain RoPE: None or rope_type 'default'; returns its theta when it names one."""
+    if rope is not None and not isinstance(rope, dict):
+        raise UserError(f"config.json: {key} must be an object or null, got {json.dumps(rope)}")
     rope = rope or {}
     unsupported = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
     if rope.get("rope_type", rope.get("type", "default")) != "default" or unsupported:
         raise UserError(f"config.json: unsupported {key}={rope!r} (only plain RoPE, rope_type 'default')")
-    return float(rope["rope_theta"]) if "rope_theta" in rope else None
+    return typed(rope["rope_theta"], float, f"config.json: {key}.rope_theta") if "rope_theta" in rope else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +232,16 @@ class OptimConfig:
     def __post_init__(self):
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise UserError(f"optim.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise UserError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0, got {self.min_lr} and {self.lr}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("eps", "clip_norm"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"optim.{name} must be positive, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 FORMATS = ("jsonl", "text", "parquet", "array_record", "tfds", "prepared")
@@ -233,6 +271,9 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip: a malformed record stops the run, or is skipped and counted
     epochs: int = 0  # stop after this many passes over the data (0: no limit)
     token_budget: int = 0  # stop after this many tokens (0: no limit); the run also stops at `steps`
+    # cpt with epochs: when one source has had its last epoch, the mixture ends ("stop"), or that source
+    # starts over while the others finish theirs, and the mixture ends with the last one ("repeat").
+    on_source_end: str = "stop"
 
     def __post_init__(self):
         if self.kind not in ("synthetic", "cpt", "sft"):
@@ -241,6 +282,11 @@ class DataConfig:
             raise UserError(f"data.template must be 'raw', 'me-llama' or 'llama2-chat', got {self.template!r}")
         if self.on_error not in ("raise", "skip"):
             raise UserError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.on_source_end not in ("stop", "repeat"):
+            raise UserError(f"data.on_source_end must be 'stop' or 'repeat', got {self.on_source_end!r}")
+        for name in ("epochs", "token_budget"):
+            if getattr(self, name) < 0:
+                raise UserError(f"data.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         if self.kind != "synthetic" and not self.sources:
             raise UserError(f"data.sources: a {self.kind} run needs at least one source")
         names = [s.name for s in self.sources]
@@ -259,13 +305,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A run: model, batch shape, optimiser and mesh (the data section joins when it lands)."""
+    """A run: model, batch shape, optimiser, data and mesh."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig.llama2_13b)
     seq_len: int = 4096
     global_batch: int = 1024  # sequences per optimiser step: 1024 x 4096 ≈ 4M tokens (DESIGN §1)
     micro_batches: int = 16  # gradient accumulation: the paper's 16
-    steps: int = 30_000  # optimiser steps; 129B tokens / 4M per step ≈ 30.8K (one epoch)
+    steps: int | str = 30_000  # optimiser steps (129B tokens / 4M per step ≈ 30.8K), or "auto": as many as the data
     seed: int = 0
     run_dir: str = "runs/me-llama"  # checkpoints, metrics.jsonl, TensorBoard logs, loss.png; resumed if present
     checkpoint_every: int = 500
@@ -278,84 +324,14 @@ class TrainConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if self.steps < 1 or self.micro_batches < 1 or self.global_batch % self.micro_batches:
-            raise UserError(
-                f"need steps >= 1 and micro_batches ({self.micro_batches}) dividing global_batch ({self.global_batch})"
-            )
-
-
-PRESETS = ("llama2_7b", "llama2_13b", "llama2_70b", "tiny")
-
-
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """YAML (only the differences from the defaults) plus `a.b=value` overrides; unknown keys are errors.
-
-    `model.preset` picks a named ModelConfig preset; other `model.*` keys override its fields.
-    """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"{path}: cannot read config: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a mapping of config keys at the top level")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r}: expected key.sub=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for name in parents:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override {item!r}: {name!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return _build(TrainConfig(), raw, path or "command line", "")
-
-
-def _build(base: Any, raw: dict[str, Any], where: str, prefix: str):
-    """`base` (a config dataclass) with `raw`'s differences applied, section by section."""
-    cls, raw = type(base), dict(raw)
-    preset = raw.pop("preset", None) if cls is ModelConfig else None
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"{where}: unknown {prefix}preset {preset!r} (known: {', '.join(PRESETS)})")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise UserError(f"{where}: unknown key {prefix + key!r} (known: {', '.join(sorted(hints))})")
-        kind = hints[key]
-        if typing.get_origin(kind) is tuple:
-            kwargs[key] = _build_tuple(typing.get_args(kind)[0], value, where, prefix + key)
-        elif dataclasses.is_dataclass(kind):
-            if not isinstance(value, dict):
-                raise UserError(f"{where}: {prefix + key!r} must be a section, got {value!r}")
-            kwargs[key] = _build(getattr(base, key), value, where, f"{prefix}{key}.")
-        else:
-            if kind is float and type(value) is int:
-                value = float(value)
-            if kind is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
-                with contextlib.suppress(ValueError):
-                    value = float(value)
-            if type(value) is not kind:  # exact: YAML's `true` must not pass as an int
-                raise UserError(f"{where}: {prefix + key!r} must be {kind.__name__}, got {value!r}")
-            kwargs[key] = value
-    try:
-        return getattr(cls, preset)(**kwargs) if preset else dataclasses.replace(base, **kwargs)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-
-
-def _build_tuple(item: type, value: Any, where: str, name: str) -> tuple:
-    """A YAML list as a tuple of `item`s (config sections when `item` is a dataclass)."""
-    if not isinstance(value, list):
-        raise UserError(f"{where}: {name!r} must be a list, got {value!r}")
-    if dataclasses.is_dataclass(item):
-        if not all(isinstance(v, dict) for v in value):
-            raise UserError(f"{where}: every item of {name!r} must be a section")
-        return tuple(_build(item(), v, where, f"{name}[{i}].") for i, v in enumerate(value))
-    if not all(type(v) is item for v in value):
-        raise UserError(f"{where}: every item of {name!r} must be {item.__name__}, got {value!r}")
-    return tuple(value)
+        if self.steps != "auto" and (isinstance(self.steps, str) or self.steps < 1):
+            raise UserError(f"steps must be a positive integer or 'auto', got {self.steps!r}")
+        for name in ("seq_len", "global_batch", "micro_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batches:
+            raise UserError(f"micro_batches ({self.micro_batches}) must divide global_batch ({self.global_batch})")
+        if self.seq_len > self.model.max_seq_len:
+            raise UserError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.peak_tflops < 0:
+            raise UserError(f"peak_tflops must be >= 0 (0: from the device kind), got {self.peak_tflops}")

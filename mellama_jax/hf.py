@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from mellama_jax.checkpoint import Stacked, find_params, save_params, stored_arrays
-from mellama_jax.config import ModelConfig
+from mellama_jax.config import DTYPES, ModelConfig
+from mellama_jax.config_file import read_model_config
 from mellama_jax.data.tokenizer import (
     TOKENIZER_MODEL_FILES,
     SentencePieceTokenizer,
@@ -33,7 +34,13 @@ from mellama_jax.data.tokenizer import (
     write_hf_tokenizer_json,
 )
 from mellama_jax.errors import UserError
-from mellama_jax.hf_files import TensorInfo, hf_weight_files, read_safetensors_index, write_safetensors_shards
+from mellama_jax.hf_files import (
+    TensorInfo,
+    hf_weight_files,
+    read_safetensors_index,
+    rope_buffer_mismatch,
+    write_safetensors_shards,
+)
 from mellama_jax.model import abstract_model
 from mellama_jax.outdir import staged_output
 
@@ -62,6 +69,7 @@ TABLE = (
     Rule("lm_head.weight", ("lm_head",), 1),
 )
 TIED_HEAD = "lm_head.weight"  # absent, or a copy of embed_tokens, when embeddings are tied
+ROTARY_BUFFER = "model.layers.{i}.self_attn.rotary_emb.inv_freq"  # saved by transformers < 4.31; dropped
 
 
 def to_ours(rule: Rule, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -116,35 +124,48 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, tied_head_equal: Callable[[], bool]) -> None:
-    """Refuses a missing, unexpected or wrongly shaped HF tensor, naming it; needs only shapes, no data."""
+def check_tensors(tensors: Mapping, cfg: ModelConfig, read: Callable[[str], np.ndarray]) -> dict[str, str]:
+    """Refuses a missing, unexpected, wrongly shaped or non-float HF tensor, naming it; `tensors` hold `shape`
+    and `dtype`, and `read(name)` gives the data of those checked by value, then dropped (tied head, RoPE).
+    Returns each dtype the weights have, with the first tensor of that dtype."""
     expected = hf_shapes(cfg)
-    extra = set(shapes) - set(expected)
+    extra = set(tensors) - set(expected)
     if cfg.tie_embeddings and TIED_HEAD in extra:
-        if not tied_head_equal():
+        if not np.array_equal(read(TIED_HEAD), read("model.embed_tokens.weight")):
             raise UserError(f"{TIED_HEAD}: embeddings are tied but it differs from model.embed_tokens.weight")
         extra.discard(TIED_HEAD)
+    buffers = extra & {ROTARY_BUFFER.format(i=i) for i in range(cfg.n_layers)}
+    for name in sorted(buffers):
+        wrong = rope_buffer_mismatch(read(name), cfg.rope_theta, cfg.head_dim)
+        if wrong:
+            raise UserError(f"tensor {name!r} is not the RoPE frequencies of rope_theta={cfg.rope_theta} ({wrong})")
+    extra -= buffers
     if extra:
         raise UserError(f"unexpected tensor {sorted(extra)[0]!r} ({len(extra)} unexpected in all)")
-    missing = set(expected) - set(shapes)
+    missing = set(expected) - set(tensors)
     if missing:
         raise UserError(f"missing tensor {sorted(missing)[0]!r} ({len(missing)} missing in all)")
+    dtypes: dict[str, str] = {}
     for name, want in expected.items():
-        if tuple(shapes[name]) != want:
-            raise UserError(f"tensor {name!r} has shape {tuple(shapes[name])}, config expects {want}")
+        shape, dtype = tuple(tensors[name].shape), np.dtype(tensors[name].dtype)
+        if shape != want:
+            raise UserError(f"tensor {name!r} has shape {shape}, config expects {want}")
+        if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            raise UserError(f"tensor {name!r} has dtype {dtype}; weights must be floating point")
+        dtypes.setdefault(dtype.name, name)
+    return dtypes
 
 
 def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
     """HF state dict (numpy) -> our nested parameter dict, in the HF arrays' dtype."""
-    embed = "model.embed_tokens.weight"
-    tied_equal = lambda: np.array_equal(state_dict[TIED_HEAD], state_dict.get(embed))  # noqa: E731
-    check_tensors({k: np.shape(v) for k, v in state_dict.items()}, cfg, tied_equal)
+    state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
+    check_tensors(state_dict, cfg, state_dict.__getitem__)
     shapes = param_shapes(cfg)
     layers: dict[tuple[str, ...], list[np.ndarray]] = {}
     params: dict = {}
     for name, rule, i in hf_names(cfg):
         full = _get(shapes, rule.path).shape
-        value = to_ours(rule, np.asarray(state_dict[name]), full if i is None else full[1:])
+        value = to_ours(rule, state_dict[name], full if i is None else full[1:])
         if i is None:
             _set(params, rule.path, value)
         else:
@@ -211,12 +232,16 @@ def export_hf(
 
 
 def _read_json(path: pathlib.Path) -> dict:
+    """A JSON file holding an object (every config file here does)."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def _tokenizer_of(folder: pathlib.Path, cfg: ModelConfig) -> Tokenizer | None:
@@ -298,24 +323,30 @@ def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, TensorInfo | TorchTensor]
 def convert_hf_to_jax(
     hf_dir: pathlib.Path, out_dir: pathlib.Path, dtype: str | None = None, overwrite: bool = False
 ) -> ModelConfig:
-    """HF folder -> `out_dir/params` (orbax) + `model_config.json` + tokenizer, one tensor in memory at a time."""
+    """HF folder -> `out_dir/params` (orbax) + `model_config.json` + tokenizer, one tensor in memory at a time.
+
+    `model_config.json`: param_dtype is the stored weights' (the source's, or `dtype`); compute dtype float32 for
+    float32 weights, else bfloat16.
+    """
     hf_dir = pathlib.Path(hf_dir)
     try:
         cfg = ModelConfig.from_hf(_read_json(hf_dir / "config.json"))
     except UserError as e:
         raise UserError(f"{hf_dir}: {e}" if str(e).startswith("config.json") else str(e)) from None
     tensors = read_hf_tensors(hf_dir)
-    embed = "model.embed_tokens.weight"
-    tied_equal = lambda: np.array_equal(tensors[TIED_HEAD].read(), tensors[embed].read())  # noqa: E731
-    check_tensors({k: t.shape for k, t in tensors.items()}, cfg, tied_equal)
+    found = check_tensors(tensors, cfg, lambda name: tensors[name].read())
+    if not dtype and (len(found) > 1 or next(iter(found)) not in DTYPES):  # one dtype for model_config.json
+        kinds = " and ".join(f"{kind} ({name!r})" for kind, name in found.items())
+        raise UserError(f"the weights are {kinds}; pass --dtype float32 or bfloat16 to store them in one")
+    stored = dtype or next(iter(found))
+    cfg = dataclasses.replace(cfg, param_dtype=stored, dtype="float32" if stored == "float32" else "bfloat16")
     tokenizer = _tokenizer_of(hf_dir, cfg)
 
-    shapes, tree = param_shapes(cfg), {}
+    shapes, tree, out_dtype = param_shapes(cfg), {}, jax.numpy.dtype(stored)
     for rule in rules(cfg):
         full = _get(shapes, rule.path).shape
-        out_dtype = jax.numpy.dtype(dtype) if dtype else tensors[rule.hf.format(i=0)].dtype
         if "{i}" in rule.hf:
-            read = lambda i, r=rule, s=full[1:], d=out_dtype: to_ours(r, tensors[r.hf.format(i=i)].read(), s).astype(d)  # noqa: E731
+            read = lambda i, r=rule, s=full[1:]: to_ours(r, tensors[r.hf.format(i=i)].read(), s).astype(out_dtype)  # noqa: E731
             _set(tree, rule.path, Stacked(tuple(full), out_dtype, read))
         else:
             _set(tree, rule.path, np.array(to_ours(rule, tensors[rule.hf].read(), full), dtype=out_dtype))
@@ -337,10 +368,7 @@ def convert_jax_to_hf(
 ) -> ModelConfig:
     """A CKPT_DIR (converted checkpoint or training run, latest complete step) -> an HF folder, layer by layer."""
     ckpt_dir = pathlib.Path(ckpt_dir)
-    try:
-        cfg = ModelConfig(**_read_json(ckpt_dir / "model_config.json"))
-    except TypeError as e:
-        raise UserError(f"{ckpt_dir / 'model_config.json'}: {e}") from None
+    cfg = read_model_config(ckpt_dir / "model_config.json")
     item_dir, subtree = find_params(ckpt_dir)
     try:
         params = stored_arrays(item_dir, subtree)

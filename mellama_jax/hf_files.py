@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
 _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+_FLOATS = {np.dtype(SAFETENSORS_DTYPES[k]) for k in ("F64", "F32", "F16", "BF16")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,20 +45,52 @@ class TensorInfo:
 
 
 def read_safetensors_index(path: pathlib.Path) -> dict[str, TensorInfo]:
-    """Every tensor's dtype, shape and location, from the header alone."""
+    """Every tensor's dtype, shape and location, from the header alone; checked against the file's size."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise TypeError(f"the header is a JSON {type(header).__name__}, not an object")
         header.pop("__metadata__", None)
-        return {
-            name: TensorInfo(
-                path, np.dtype(SAFETENSORS_DTYPES[h["dtype"]]), tuple(h["shape"]), 8 + length + h["data_offsets"][0]
-            )
-            for name, h in header.items()
-        }
+        index = {name: _tensor_info(path, name, h, 8 + length) for name, h in header.items()}
     except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    for name, h in header.items():  # a file cut short (an interrupted download) would fail later, in np.memmap
+        if h["data_offsets"][1] > size - 8 - length:
+            raise UserError(
+                f"{path}: truncated: tensor {name!r} ends at data byte {h['data_offsets'][1]}, "
+                f"the file holds {size - 8 - length}"
+            )
+    return index
+
+
+def _tensor_info(path: pathlib.Path, name: str, h: dict, data_start: int) -> TensorInfo:
+    dtype, shape, (begin, end) = np.dtype(SAFETENSORS_DTYPES[h["dtype"]]), tuple(h["shape"]), h["data_offsets"]
+    if not all(type(n) is int and n >= 0 for n in (*shape, begin, end)):
+        raise ValueError(f"tensor {name!r}: shape {h['shape']} or data_offsets {h['data_offsets']} not whole numbers")
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor {name!r}: data_offsets {[begin, end]} do not hold {h['dtype']}{list(shape)}")
+    return TensorInfo(path, dtype, shape, data_start + begin)
+
+
+def rope_buffer_mismatch(values: np.ndarray, theta: float, head_dim: int) -> str | None:
+    """Where a stored RoPE `inv_freq` buffer differs from 1 / theta ** (arange(0, H, 2) / H); None if nowhere."""
+    want = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)  # float64
+    if values.shape != want.shape or values.dtype not in _FLOATS:
+        return f"{values.dtype}{list(values.shape)}, not {want.size} frequencies"
+    # transformers computes it in float32, where rounding the exponent arange / H (an ulp) grows ln(theta)-fold
+    # in theta ** x; storing it in bf16/fp16 rounds once more (half that dtype's eps, or a subnormal step for
+    # fp16's tiny values). transformers' own buffers use at most half this bound (H <= 300, theta <= 5e7).
+    info = ml_dtypes.finfo(values.dtype)
+    rtol = info.eps + abs(math.log(theta)) * ml_dtypes.finfo(np.float32).eps
+    got = np.asarray(values, np.float64)
+    error = np.nan_to_num(np.abs(got - want) - rtol * want - info.smallest_subnormal, nan=np.inf)
+    k = int(np.argmax(error))
+    return f"element {k} is {got[k]:.7g}, expected {want[k]:.7g}" if error[k] > 0 else None
 
 
 def plan_shards(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[int]]:

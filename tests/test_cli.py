@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from mellama_jax.config import ModelConfig, TrainConfig, load_config
+from mellama_jax.config import ModelConfig, TrainConfig
+from mellama_jax.config_file import load_config
 from mellama_jax.errors import UserError
 from mellama_jax.plan import param_count, train_flops_per_token
 

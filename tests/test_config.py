@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from mellama_jax.config import ModelConfig, load_config
+from mellama_jax.config import ModelConfig
+from mellama_jax.config_file import load_config
 from mellama_jax.errors import UserError
 
 # A real LLaMA-2-13B config.json as transformers 4.x wrote it (values from the paper's table).

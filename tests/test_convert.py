@@ -32,7 +32,8 @@ def test_hf_files_round_trip_bit_identical_through_orbax(tmp_path, name, dtype):
     assert len(hf_weight_files(source)) > 3
 
     converted = convert_hf_to_jax(source, tmp_path / "ours")
-    assert converted == dataclasses.replace(cfg, dtype="bfloat16", remat="full")
+    compute = "float32" if dtype == "float32" else "bfloat16"  # model_config.json describes the stored weights
+    assert converted == dataclasses.replace(cfg, dtype=compute, param_dtype=dtype, remat="full")
     assert ModelConfig(**json.loads((tmp_path / "ours" / "model_config.json").read_text())) == converted
     params = restore_params(tmp_path / "ours" / "params")
     export_hf(params, cfg, tmp_path / "back", max_shard_bytes=50_000)

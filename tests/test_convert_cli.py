@@ -135,7 +135,7 @@ def _drop_tensor(folder):
 
 
 def _add_tensor(folder):
-    _rewrite(folder, {**tensors(folder), "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)})
+    _rewrite(folder, {**tensors(folder), "model.layers.0.self_attn.q_proj.bias": np.ones(64, np.float32)})
 
 
 def _rewrite(folder, state):
@@ -161,7 +161,7 @@ def _pickled_object(folder):
 
 HF_TO_JAX_REFUSALS = {
     "missing tensor": (_drop_tensor, r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight' \(1 missing in all\)"),
-    "unexpected tensor": (_add_tensor, r"unexpected tensor 'model\.layers\.0\.self_attn\.rotary_emb\.inv_freq'"),
+    "unexpected tensor": (_add_tensor, r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
     "shape mismatch": (
         _edit_config(intermediate_size=100),
         r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(96, 64\), config expects \(100, 64\)",
