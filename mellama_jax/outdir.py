@@ -1,19 +1,92 @@
-"""Output folders that never lose what a user already has.
+"""Output folders that never lose what a user already has, and leave no debris.
 
-A command writes into a fresh hidden folder beside its target and renames it into place only once
-everything is written, so a failed or killed run leaves the target as it was. A target that exists
-and is not empty is refused unless the user asked to overwrite it.
+A command writes into a fresh hidden folder beside its target (`.NAME.partial-PID@HOST-XXXXXXXX`) and
+renames it into place only once everything is written, so a failed or killed run leaves the target as it
+was. A failed run removes its partial folder; a killed one cannot, so the next run into the same target
+removes the partials of processes of this host that are gone (never those of a live process). A target
+that exists and is not empty is refused unless the user asked to overwrite it. A full disk is reported
+as an OSError naming the target, whichever library noticed it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import os
 import pathlib
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 
 from mellama_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# tensorstore (under orbax) says "... [os_error_code='28']" in a ValueError; array_record a RuntimeError
+# "write() failed: No space left on device; ..."
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def disk_full(e: BaseException) -> int | None:
+    """ENOSPC or EDQUOT if `e`, or an exception it was raised from, says the disk or quota is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e.errno
+        text = str(e)
+        codes = [int(c) for c in _OS_ERROR_CODE.findall(text) if int(c) in _DISK_FULL]
+        codes += [c for c in _DISK_FULL if os.strerror(c) in text]
+        if codes:
+            return codes[0]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _hidden(out_dir: pathlib.Path, kind: str) -> pathlib.Path:
+    """A new hidden folder beside `out_dir` whose name says which process of which host owns it."""
+    prefix = f".{out_dir.name}.{kind}-{os.getpid()}@{_HOST}-"
+    folder = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output it becomes gets the usual permissions
+    return folder
+
+
+def remove_stale(out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Removes the partial (and swapped-out) folders that ended processes of this host left beside `out_dir`."""
+    owned = re.compile(re.escape(f".{out_dir.name}.") + r"(?:partial|old)-(\d+)@(.+)-[a-z0-9_]+")
+    removed = []
+    for path in sorted(out_dir.parent.iterdir()) if out_dir.parent.is_dir() else ():
+        match = owned.fullmatch(path.name)
+        if match and match.group(2) == _HOST and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted run (process %s has ended)", path, match.group(1))
+            removed.append(path)
+    return removed
+
+
+def _check_parent(out_dir: pathlib.Path) -> None:
+    ancestor = out_dir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{out_dir}: {ancestor} is a file, not a folder")
 
 
 @contextlib.contextmanager
@@ -28,17 +101,35 @@ def staged_output(
             raise UserError(f"{out_dir}: the output folder would replace the input {source}")
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    _check_parent(out_dir)
+    remove_stale(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = _hidden(out_dir, "partial")
+    except OSError as e:  # a read-only or full parent: name the output, not our hidden folder
+        raise OSError(e.errno, e.strerror, str(out_dir)) from e
     try:
         yield staging
-    except BaseException:
+        _swap_in(staging, out_dir)
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        code = disk_full(e)
+        if code:
+            raise OSError(code, os.strerror(code), str(out_dir)) from e
         raise
-    if out_dir.exists():  # only reached when empty or when overwriting: swap, then drop the old one
-        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(old / out_dir.name)
+
+
+def _swap_in(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
+    if not out_dir.exists():
         staging.rename(out_dir)
-        shutil.rmtree(old)
-    else:
+        return
+    # only reached when empty or when overwriting: swap, then drop the old one
+    old = _hidden(out_dir, "old")
+    out_dir.rename(old / out_dir.name)
+    try:
         staging.rename(out_dir)
+    except BaseException:
+        (old / out_dir.name).rename(out_dir)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,13 +1,21 @@
 """`mellama prepare` and CPT training on real tokenizer output (LLaMA-2's SentencePiece model from ../shared)."""
 
+import contextlib
 import json
+import os
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
+import mellama_jax
 from mellama_jax.cli import main
 
 WORDS = ["patient", "presents", "with", "fever", "cough", "dyspnea", "hypertension", "insulin", "metformin", "biopsy"]
@@ -154,3 +162,151 @@ def test_data_setup_errors_are_one_line_and_name_the_culprit(tmp_path, tokenizer
         main(["prepare", str(tmp_path / "notes.jsonl"), "--tokenizer", tokenizer, "--out", str(tmp_path / "prepared")])
         == 2
     )
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, shared_data):
+    """A two-shard prepared corpus (40 and 25 notes), made once; tests damage copies of it."""
+    folder = tmp_path_factory.mktemp("prepared")
+    write_jsonl(folder / "a.jsonl", notes(40, 0))
+    write_jsonl(folder / "b.jsonl", notes(25, 1))
+    tokenizer = str(shared_data / "llama2_tokenizer.model")
+    assert main(["prepare", str(folder / "*.jsonl"), "--tokenizer", tokenizer, "--out", str(folder / "out")]) == 0
+    return folder / "out"
+
+
+def _truncate(shard):
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+DAMAGE = {
+    "missing shard": (lambda out: (out / "shard-00001.array_record").unlink(),
+                      r"out: shard shard-00001\.array_record is missing \(manifest\.json lists it\)$"),
+    "truncated shard": (lambda out: _truncate(out / "shard-00001.array_record"),
+                        r"shard-00001\.array_record: damaged, not a complete array_record file \(.+\)$"),
+    "swapped shard": (lambda out: shutil.copy(out / "shard-00000.array_record", out / "shard-00001.array_record"),
+                      r"shard-00001\.array_record: holds 40 documents, manifest\.json says 25 \(damaged\?\)$"),
+    "unlisted shard": (lambda out: shutil.copy(out / "shard-00000.array_record", out / "shard-00002.array_record"),
+                       r"out: shard shard-00002\.array_record is not in manifest\.json \(a shard of another"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_prepared_corpus_is_refused_at_open_in_one_line(tmp_path, prepared, damage):
+    from mellama_jax.data.prepare import PreparedDocuments
+    from mellama_jax.errors import UserError
+
+    out = shutil.copytree(prepared, tmp_path / "out")
+    assert len(PreparedDocuments("pubmed", out)) == 65
+    break_it, message = DAMAGE[damage]
+    break_it(out)
+    with pytest.raises(UserError, match=message) as err:
+        PreparedDocuments("pubmed", out)
+    assert "\n" not in str(err.value)
+
+
+def test_a_damaged_record_is_one_line_naming_shard_and_record(tmp_path, prepared):
+    from mellama_jax.data.prepare import PreparedDocuments
+    from mellama_jax.errors import UserError
+
+    out = shutil.copytree(prepared, tmp_path / "out")
+    shard = out / "shard-00000.array_record"
+    raw = bytearray(shard.read_bytes())
+    raw[100:108] = bytes(b ^ 0xFF for b in raw[100:108])  # inside record 1's chunk; the footer still reads
+    shard.write_bytes(raw)
+    docs = PreparedDocuments("pubmed", out)
+    assert len(docs.ids(1)) > 0
+    with pytest.raises(UserError, match=r"shard-00000\.array_record:record 1: damaged \(Corrupted Riegeli"):
+        docs.ids(0)
+
+
+def test_the_skip_hint_names_the_switch_of_the_command_in_use(tmp_path, tokenizer, capsys):
+    import dataclasses
+
+    from mellama_jax.config import DataConfig, ModelConfig, SourceConfig, TrainConfig
+    from mellama_jax.data.cpt import cpt_batches
+    from mellama_jax.errors import UserError
+
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text("not json\n" * 8)
+    assert main(["prepare", str(bad), "--tokenizer", tokenizer, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.endswith(f"{bad}:1: invalid JSON (Expecting value, column 1) "
+                                            "(pass --on-error skip to skip such records)\n")  # fmt: skip
+    data = DataConfig(kind="cpt", sources=(SourceConfig(name="notes", paths=(str(bad),)),), tokenizer=tokenizer)
+    cfg = TrainConfig(model=ModelConfig.tiny(vocab_size=32000), seq_len=32, global_batch=4, micro_batches=1)
+    with pytest.raises(UserError, match=r"notes\.jsonl:\d: invalid JSON .* \(set data\.on_error: skip to skip such"):
+        next(cpt_batches(dataclasses.replace(cfg, data=data), 0, 4))
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended; reaping orphans is up to init)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_prepare_takes_its_workers_along_and_the_next_run_removes_its_partial(tmp_path, tokenizer, capsys):
+    if not pathlib.Path("/proc/self/stat").is_file():
+        pytest.skip("finding a process's children needs /proc (Linux)")
+    (tmp_path / "big").mkdir()
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in notes(1000, 0))
+    for i in range(4):  # about a second of tokenizing each
+        (tmp_path / "big" / f"notes-{i}.jsonl").write_text(lines * 30)
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(mellama_jax.__file__).parents[1])}
+    argv = [sys.executable, "-m", "mellama_jax.cli", "prepare", str(tmp_path / "big"), "--tokenizer", tokenizer,
+            "--out", str(tmp_path / "out"), "--workers", "2"]  # fmt: skip
+    run, workers = subprocess.Popen(argv, stderr=subprocess.DEVNULL, env=env), []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.partial-*/shard-*")):  # a worker is at work
+            assert run.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
+            time.sleep(0.02)
+        workers = _children(run.pid)
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) >= 2 and not [w for w in workers if _running(w)]
+    finally:
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    [partial] = tmp_path.glob(".out.partial-*")
+    assert partial.name.startswith(f".out.partial-{run.pid}@")
+    small = write_jsonl(tmp_path / "small.jsonl", notes(5, 0))
+    assert main(["prepare", str(small), "--tokenizer", tokenizer, "--out", str(tmp_path / "out")]) == 0
+    warning = f"mellama prepare: WARNING: removed {partial}, left by an interrupted run (process {run.pid} has ended)"
+    assert warning in capsys.readouterr().err.splitlines()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out", "small.jsonl"]
+
+
+def test_without_prctl_a_worker_watches_for_its_parent_to_end():
+    worker = (
+        "import os, time\nfrom mellama_jax.data.prepare import _die_with\n"
+        "_die_with(os.getppid(), linux=False)\nprint('armed', flush=True)\ntime.sleep(60)\n"
+    )
+    parent = (
+        "import subprocess, sys\n"
+        f"worker = subprocess.Popen([sys.executable, '-c', {worker!r}], stdout=-1, stderr=-3, text=True)\n"
+        "assert worker.stdout.readline() == 'armed\\n'\nprint(worker.pid)\n"
+    )  # then ends, orphaning it
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(mellama_jax.__file__).parents[1])}
+    worker = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, env=env, check=True).stdout)
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _running(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the orphaned worker did not end")

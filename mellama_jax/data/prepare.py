@@ -2,18 +2,27 @@
 
 Each input file becomes one shard (`shard-00000.array_record`, ...) of records holding one document's
 token ids as little-endian int32, without BOS/EOS (the packer adds them). Files are tokenized in
-parallel worker processes. `manifest.json` records the tokenizer (vocabulary size, BOS/EOS, file hash)
-and the document and token counts of every input file and shard, so mixture weights and epoch sizes
-are exact before training reads a byte. The output appears only when complete (outdir.staged_output).
+parallel worker processes, which end with the process that started them, even a killed one.
+`manifest.json` records the tokenizer (vocabulary size, BOS/EOS, file hash) and the document and token
+counts of every input file and shard, so mixture weights and epoch sizes are exact before training reads
+a byte. The output appears only when complete (outdir.staged_output). Opening a prepared folder checks it
+against its manifest: every listed shard there, readable, holding the listed number of documents, and no
+shard the manifest does not list.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import hashlib
 import json
 import multiprocessing
+import os
 import pathlib
+import signal
+import sys
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,11 +36,35 @@ from mellama_jax.outdir import staged_output
 MANIFEST = "manifest.json"
 KIND = "mellama-prepared-v1"
 
+SKIP_HINT = "pass --on-error skip"  # the flag of `mellama prepare`, not the training config's data.on_error
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _start_worker(tokenizer_path: str) -> None:
+def _die_with(parent: int, linux: bool = sys.platform == "linux") -> None:
+    """Ends this worker when `parent` ends, even by kill -9: an orphan would tokenize on, or wait forever
+    for work (each worker holds the task queue's write end too, so it never sees end-of-file)."""
+    armed = False
+    if linux:
+        # the signal comes when the thread that started us ends: prepare's, which outlives the pool
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent:  # it ended before we were armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch, args=(parent,), daemon=True).start()
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _start_worker(tokenizer_path: str, parent: int) -> None:
     global _worker_tokenizer
+    _die_with(parent)
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
@@ -39,6 +72,7 @@ def _tokenize_file(path: str, fmt: str, field: str, on_error: str, shard: str) -
     from array_record.python.array_record_module import ArrayRecordWriter
 
     documents = open_documents(path, [path], fmt, field, on_error)
+    documents.skip_hint = SKIP_HINT
     writer = ArrayRecordWriter(shard, "group_size:1")  # one record per chunk: cheap random access
     count = tokens = 0
     for i in range(len(documents)):
@@ -69,14 +103,20 @@ def prepare(
     with staged_output(out_dir, overwrite, inputs=files) as staging:
         shards = [staging / f"shard-{i:05d}.array_record" for i in range(len(files))]
         spawn = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax threads
-        with concurrent.futures.ProcessPoolExecutor(workers, spawn, _start_worker, (str(tokenizer_path),)) as pool:
+        start = (str(tokenizer_path), os.getpid())
+        with concurrent.futures.ProcessPoolExecutor(workers, spawn, _start_worker, start) as pool:
             jobs = [
                 pool.submit(_tokenize_file, str(f), fmt, field, on_error, str(s))
                 for f, s in zip(files, shards, strict=True)
             ]
-            for _ in tqdm.tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), unit="file", desc="prepare"):
-                pass
-            counts = [job.result() for job in jobs]  # re-raises a worker's UserError here
+            done = concurrent.futures.as_completed(jobs)
+            try:  # a worker's error (a UserError, a full disk) is raised as soon as it comes; the rest is dropped
+                for job in tqdm.tqdm(done, total=len(jobs), unit="file", desc="prepare", disable=None):
+                    job.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            counts = [job.result() for job in jobs]
         manifest = {
             "kind": KIND,
             "tokenizer": {
@@ -101,23 +141,57 @@ class PreparedDocuments:
     """A prepared folder's documents: `ids(i)` is document i's token ids (no BOS/EOS)."""
 
     def __init__(self, name: str, folder: pathlib.Path):
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-        path = pathlib.Path(folder) / MANIFEST
+        self.name, self.skipped, self.folder = name, 0, pathlib.Path(folder)
+        path = self.folder / MANIFEST
         try:
             self.manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: not a prepared corpus ({str(e).splitlines()[0]})") from None
-        if self.manifest.get("kind") != KIND:
-            raise UserError(f"{path}: not a manifest written by mellama prepare")
-        self.name, self.skipped = name, 0
-        shards = [s for s in self.manifest["shards"] if s["documents"]]
-        self.reader = ArrayRecordDataSource([str(pathlib.Path(folder) / s["file"]) for s in shards])
-        if len(self.reader) != self.manifest["documents"]:
-            raise UserError(f"{path}: the shards hold {len(self.reader)} documents, the manifest says {len(self)}")
+        try:
+            if self.manifest.get("kind") != KIND:
+                raise KeyError("kind")
+            listed = {s["file"]: int(s["documents"]) for s in self.manifest["shards"]}
+            total = int(self.manifest["documents"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: not a manifest written by mellama prepare") from None
+        unlisted = sorted({f.name for f in self.folder.glob("shard-*.array_record")} - set(listed))
+        if unlisted:
+            raise UserError(f"{self.folder}: shard {unlisted[0]} is not in {MANIFEST} (a shard of another corpus?)")
+        readers = {file: _open_shard(self.folder / file, documents) for file, documents in listed.items()}
+        self.files = [file for file, reader in readers.items() if len(reader)]
+        self.readers = [readers[file] for file in self.files]
+        self.starts = np.concatenate([[0], np.cumsum([len(r) for r in self.readers], dtype=np.int64)])
+        if self.starts[-1] != total:
+            raise UserError(f"{path}: the shards hold {self.starts[-1]} documents, the manifest says {total}")
 
     def __len__(self) -> int:
-        return int(self.manifest["documents"])
+        return int(self.starts[-1])
 
     def ids(self, i: int) -> np.ndarray:
-        return np.frombuffer(self.reader[i], "<i4").astype(np.int32)
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        local = i - int(self.starts[shard])
+        try:
+            raw = self.readers[shard][local]
+        except Exception as e:  # damage the checks at open cannot see: a record's own bytes
+            where = f"{self.folder / self.files[shard]}:record {local + 1}"
+            raise UserError(f"{where}: damaged ({_first_line(e)})") from None
+        return np.frombuffer(raw, "<i4").astype(np.int32)
+
+
+def _open_shard(shard: pathlib.Path, documents: int):
+    """A listed shard's reader, checked cheaply: the file is there, its footer reads, its count is the manifest's."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    if not shard.is_file():
+        raise UserError(f"{shard.parent}: shard {shard.name} is missing ({MANIFEST} lists it)")
+    try:
+        reader = ArrayRecordDataSource([str(shard)])
+    except Exception as e:  # the C++ reader raises RuntimeError / ValueError variants, some without text
+        raise UserError(f"{shard}: damaged, not a complete array_record file ({_first_line(e)})") from None
+    if len(reader) != documents:
+        raise UserError(f"{shard}: holds {len(reader)} documents, {MANIFEST} says {documents} (damaged?)")
+    return reader
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__

@@ -53,6 +53,8 @@ class BadRecord(Exception):
 class Documents:
     """A source's documents, `get(i)` for i < len; a malformed one raises UserError or is skipped (None)."""
 
+    skip_hint = "set data.on_error: skip"  # how the user asks to skip: `mellama prepare` names its flag
+
     def __init__(self, name: str, files: list[pathlib.Path], counts: list[int], on_error: str):
         self.name, self.files, self.on_error, self.skipped = name, files, on_error, 0
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
@@ -82,7 +84,7 @@ class Documents:
     def reject(self, message: str) -> None:
         """A malformed document: a UserError, or with on_error "skip" a warning (place only) and a count."""
         if self.on_error == "raise":
-            raise UserError(f"{message} (set data.on_error: skip to skip such records)")
+            raise UserError(f"{message} ({self.skip_hint} to skip such records)")
         self.skipped += 1
         if self.skipped <= LOGGED_SKIPS:
             log.warning("source %s: skipped malformed record %d, %s", self.name, self.skipped, message)
