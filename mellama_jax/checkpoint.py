@@ -18,6 +18,9 @@ import dataclasses
 import json
 import logging
 import pathlib
+import shutil
+import sys
+import threading
 from collections.abc import Callable
 
 import jax
@@ -29,6 +32,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import type_handlers as th
 
 from mellama_jax.errors import UserError
+from mellama_jax.outdir import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,17 @@ def save_params(directory: pathlib.Path, tree: dict) -> None:
     """Saves a tree of numpy arrays and `Stacked` leaves synchronously; peak memory is about one slice."""
     handlers = [(t, th.get_type_handler(t)) for t in th.supported_types()]
     registry = th.create_type_handler_registry(*handlers, (Stacked, _StackedHandler()))
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
-        checkpointer.save(pathlib.Path(directory).absolute(), args=ocp.args.PyTreeSave(tree))
+    # A failed write (a full disk: tensorstore's ValueError) is raised while orbax's other writer threads go
+    # on. The caller reports it in one line; the threads are waited for, so removing the folder is final.
+    running = set(threading.enumerate())
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
+            checkpointer.save(pathlib.Path(directory).absolute(), args=ocp.args.PyTreeSave(tree))
+    except Exception:
+        for thread in set(threading.enumerate()) - running:
+            if not thread.daemon:  # the writers; they would hold the process at exit anyway
+                thread.join(timeout=600)
+        raise
 
 
 def restore_params(directory: pathlib.Path, target=None) -> dict:
@@ -97,6 +110,30 @@ def restore_params(directory: pathlib.Path, target=None) -> dict:
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     with ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+# What orbax and tensorstore print when one of their operations fails: a traceback logged per background
+# thread and per abandoned asyncio task, and "Event loop is closed" from futures that finish after the loop
+# that awaited them was closed. The failure itself is raised to our code, which reports it in one line.
+_RELAYED = ("raised an exception", "Failed to run", "(save_finalize) failed", "exception was never retrieved")
+
+
+def _relayed(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and any(m in record.getMessage() for m in _RELAYED))
+
+
+def _abandoned(unraisable) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax's, garbage-collected unfinished
+    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+    return closed or "orbax" in getattr(code, "co_filename", "")
+
+
+def quiet_library_failures() -> None:
+    """Silences orbax's and tensorstore's own reports of failures that they also raise to us (process-wide)."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_relayed)
+    default = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if _abandoned(unraisable) else default(unraisable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,29 +229,74 @@ def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
     return manager.save(step, args=args, force=force)
 
 
+def _key(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
 def _keys(path) -> set[str]:
-    return {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+    return {_key(k) for k in path}
+
+
+def checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False) -> bool:
+    """`save_run`, once the saves before it are known to have succeeded: a failed save stops the run at once."""
+    try:
+        manager.check_for_errors()
+        return save_run(manager, step, state, data_state, force)
+    except Exception as e:  # orbax and tensorstore raise many types; all of them mean this save is lost
+        raise save_failure(manager, e) from e
+
+
+def finish_checkpoints(manager: ocp.CheckpointManager) -> None:
+    """Waits for the last save and closes the manager; a failed save is a one-line error."""
+    try:
+        manager.wait_until_finished()
+        manager.check_for_errors()
+    except Exception as e:
+        raise save_failure(manager, e) from e
+    finally:
+        manager.close()
+
+
+def save_failure(manager: ocp.CheckpointManager, error: Exception) -> UserError:
+    """The one-line error of a run stopped by a failed save or a full disk, naming the last complete step."""
+    folder = pathlib.Path(str(manager.directory))
+    for partial in folder.glob("*.orbax-checkpoint-tmp*"):  # the failed save's half-written step
+        shutil.rmtree(partial, ignore_errors=True)
+    steps = ocp.utils.checkpoint_steps(folder) if folder.is_dir() else []
+    last = f"the last complete checkpoint is step {max(steps)}" if steps else "no checkpoint is complete"
+    if disk_full(error):
+        return UserError(f"{folder.parent}: disk full; {last}, and the run stops there")
+    reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    return UserError(f"{folder}: saving a checkpoint failed ({reason}); {last}, and the run stops")
 
 
 def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, object, dict] | None:
     """The latest complete step that restores, resharded as `abstract_state`'s shardings say.
 
-    A step that fails to restore is moved aside to `<step>.unreadable` (kept for inspection, and out of the
-    way of the step's new save), with a warning, and the one before is tried.
+    A step whose saved shapes differ from `abstract_state`'s is refused (a config mismatch, not damage).
+    A step that fails to read on any process is moved aside to `<step>.unreadable` (kept for inspection,
+    and out of the way of the step's new save) on all of them alike, with a warning, and the one before
+    is tried.
     """
     restored, moved = None, False
     for step in sorted(manager.all_steps(), reverse=True):
-        _check_process_count(pathlib.Path(str(manager.directory)) / str(step) / "data")
-        data = DataState()
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain_checkpoint.CheckpointRestore(data)
-        )
+        folder = pathlib.Path(str(manager.directory)) / str(step)
+        _check_process_count(folder / "data")
+        data, error = DataState(), None
         try:
+            _check_shapes(folder / "state", abstract_state)
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain_checkpoint.CheckpointRestore(data)
+            )
             found = manager.restore(step, args=args)
+        except UserError:
+            raise
         except Exception as e:  # a damaged checkpoint: orbax/tensorstore raise many types
-            folder = pathlib.Path(str(manager.directory)) / str(step)
+            error = e
+        if _failed_anywhere(error is not None):
             aside = _unused(folder.with_name(f"{step}.unreadable"))
-            log.warning("checkpoint %s does not restore (%s); moved to %s", folder, str(e)[:200], aside.name)
+            reason = str(error)[:200] if error else "it failed on another process"
+            log.warning("checkpoint %s does not restore (%s); moved to %s", folder, reason, aside.name)
             if jax.process_index() == 0:
                 folder.rename(aside)
             moved = True
@@ -226,6 +308,34 @@ def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, ob
             multihost_utils.sync_global_devices("mellama: unreadable checkpoints moved aside")
         manager.reload()
     return restored
+
+
+def _failed_anywhere(failed: bool) -> bool:
+    if jax.process_count() == 1:
+        return failed
+    return bool(multihost_utils.process_allgather(np.asarray(failed, np.int32)).any())
+
+
+def _check_shapes(item_dir: pathlib.Path, abstract_state) -> None:
+    """Refuses a saved state whose arrays differ in path or shape from the state this config makes.
+
+    A metadata file that does not read is damage, and raises what orbax raises (not a UserError).
+    """
+    saved = dict(_flat_shapes(ocp.PyTreeCheckpointHandler().metadata(item_dir.absolute()).tree))
+    wanted = dict(_flat_shapes(abstract_state))
+    for path in sorted(set(saved) | set(wanted), key=lambda p: (not p.startswith("params/"), p)):  # params first
+        if saved.get(path) != wanted.get(path):
+            has = "nothing" if path not in saved else f"shape {saved[path]}"
+            want = "nothing" if path not in wanted else f"shape {wanted[path]}"
+            raise UserError(
+                f"{item_dir.parent}: the saved state has {has} at {path}, this config needs {want}"
+                " (was the run started with another model or optimizer?)"
+            )
+
+
+def _flat_shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(_key(k) for k in path), tuple(leaf.shape)) for path, leaf in leaves]
 
 
 def _check_process_count(data_dir: pathlib.Path) -> None:

@@ -1,18 +1,28 @@
-"""The `mellama` command (DESIGN §4). User mistakes print one line and exit 2; no raw tracebacks."""
+"""The `mellama` command (DESIGN §4). User mistakes print one line and exit 2; no raw tracebacks.
+
+What the machine refuses (a full disk, a read-only or missing folder) is a one-line error too, naming the
+file. `MELLAMA_DEBUG=1` shows the traceback of any error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import pathlib
 import re
 import sys
 
 from mellama_jax.errors import UserError
 
+# OS errors that are about the user's machine or paths, not bugs of ours: reported in one line.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                   errno.ENOENT, errno.EEXIST}  # fmt: skip
+
 
 def _plan(args: argparse.Namespace) -> None:
-    from mellama_jax.config import load_config
+    from mellama_jax.config_file import load_config
     from mellama_jax.plan import plan
 
     if args.devices < 1:
@@ -52,19 +62,26 @@ def _jax_to_hf(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from mellama_jax.config_file import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return
     import jax
 
-    from mellama_jax.config import load_config
     from mellama_jax.distributed import initialize
     from mellama_jax.train import train
 
-    cfg = load_config(args.config, args.overrides)
     initialize(cfg.distributed)
     if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
         logging.getLogger("mellama_jax").setLevel(logging.WARNING)
     rows = train(cfg)
     if rows and jax.process_index() == 0:
-        print(f"{cfg.run_dir}: step {rows[-1]['step']}, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
+        run = pathlib.Path(cfg.run_dir)
+        print(f"{run}: step {rows[-1]['step']}, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
+        print(f"  metrics {run / 'metrics.jsonl'}, plot {run / 'loss.png'}, checkpoints {run / 'checkpoints'}")
+        print(f"  tensorboard --logdir {run / 'tensorboard'}")
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -125,8 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="continued pre-training; resumes the latest checkpoint in run_dir")
     train.add_argument("--config", help="YAML holding only differences from the defaults")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    train.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
     train.set_defaults(run=_train)
     return parser
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,10 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # libraries (absl) may configure the root logger; print ours once
+    if not os.environ.get("MELLAMA_DEBUG"):
+        from mellama_jax.checkpoint import quiet_library_failures
+
+        quiet_library_failures()
     try:
         args.run(args)
-    except UserError as e:
-        print(f"mellama {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        if os.environ.get("MELLAMA_DEBUG") or (isinstance(e, OSError) and e.errno not in _USER_OS_ERRORS):
+            raise
+        print(f"mellama {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     finally:
         logger.removeHandler(handler)

@@ -1,14 +1,90 @@
 """Where a run's metrics go: `metrics.jsonl` (one object per step), TensorBoard events, and `loss.png`.
 
-On resume, rows after the restored step are dropped from `metrics.jsonl`, so the file always tells the
-history of the checkpointed run, with no step twice. Only process 0 writes (`enabled`).
+The history survives kills. On resume, `metrics.jsonl` is rewritten beside itself and renamed into place
+with every row up to the restored step (rows after it were never checkpointed, so they are redone), then
+appended to. A torn or non-JSON line (a kill mid-write) is dropped with a warning naming it. The run has
+one TensorBoard event file, appended to across restarts; a resume first cuts off a torn last record,
+then marks a restart at its step, so TensorBoard drops the steps that are being redone. `loss.png` is
+redrawn at every checkpoint. Only process 0 writes (`enabled`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import pathlib
+import socket
+import struct
+import time
+
+from tensorboardX.proto import event_pb2, summary_pb2
+from tensorboardX.record_writer import masked_crc32c
+
+log = logging.getLogger(__name__)
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a metrics file; lines that are not whole JSON objects with a step are dropped, with a warning."""
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            log.warning("%s:%d: not a metrics row (torn by a kill?); dropped", path, number)
+    return rows
+
+
+class EventFile:
+    """One TensorBoard event file per run, appended to."""
+
+    def __init__(self, folder: pathlib.Path, start_step: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        found = sorted(folder.glob("events.out.tfevents.*"))
+        path = found[0] if found else folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        if path.exists():
+            os.truncate(path, _whole_records(path.read_bytes()))
+        self.file = open(path, "ab")  # noqa: SIM115 - held open for the run, closed in close()
+        if not found:
+            self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        else:  # on a restart event, TensorBoard drops the events of steps >= its step: those are being redone
+            restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._write(event_pb2.Event(wall_time=time.time(), step=start_step + 1, session_log=restart))
+
+    def _write(self, event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self.file.write(
+            header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+        )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+        )
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _whole_records(raw: bytes) -> int:
+    """The length of the prefix of `raw` made of whole records (header, header CRC, data, data CRC)."""
+    end = 0
+    while end + 12 <= len(raw):
+        (length,) = struct.unpack("<Q", raw[end : end + 8])
+        if end + 12 + length + 4 > len(raw):
+            break
+        end += 12 + length + 4
+    return end
 
 
 class MetricsLog:
@@ -18,34 +94,39 @@ class MetricsLog:
             return
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.rows = [row for row in kept if row["step"] <= start_step]
-        self.file = open(path, "w")  # noqa: SIM115 - held open for the run, closed in close()
-        for row in self.rows:
-            self.file.write(json.dumps(row) + "\n")
-        from tensorboardX import SummaryWriter
-
-        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.rows = [row for row in read_rows(path) if row["step"] <= start_step]
+        partial = path.with_name(".metrics.jsonl.partial")
+        with open(partial, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        self.file = open(path, "a")  # noqa: SIM115 - held open for the run, closed in close()
+        self.events = EventFile(self.run_dir / "tensorboard", start_step)
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for key, value in row.items():
-            if key != "step" and value is not None and math.isfinite(value):
-                self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.file.name) from e
+        finite = {f"train/{k}": v for k, v in row.items() if k != "step" and v is not None and math.isfinite(v)}
+        self.events.scalars(row["step"], finite)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self.file.close()
-        self.tensorboard.close()
-        if self.rows:
-            self._plot()
+        self.events.close()
+        self.plot()
 
-    def _plot(self) -> None:
+    def plot(self) -> None:
+        """Redraws `loss.png` (loss on a log scale, learning rate beside it), written whole or not at all."""
+        if not (self.enabled and self.rows):
+            return
         import matplotlib
 
         matplotlib.use("Agg")
@@ -53,11 +134,19 @@ class MetricsLog:
 
         steps = [row["step"] for row in self.rows]
         figure, loss_axis = plt.subplots(figsize=(8, 4.5))
-        loss_axis.plot(steps, [row["loss"] for row in self.rows], color="tab:blue")
-        loss_axis.set(xlabel="step", ylabel="loss")
+        lines = loss_axis.plot(steps, [row["loss"] for row in self.rows], color="tab:blue", label="training loss")
+        loss_axis.set(xlabel="step", ylabel="loss", yscale="log")
         lr_axis = loss_axis.twinx()
-        lr_axis.plot(steps, [row["lr"] for row in self.rows], color="tab:orange")
+        lines += lr_axis.plot(steps, [row["lr"] for row in self.rows], color="tab:orange", label="learning rate")
         lr_axis.set_ylabel("learning rate")
+        loss_axis.legend(lines, [line.get_label() for line in lines], loc="upper right")
         figure.tight_layout()
-        figure.savefig(self.run_dir / "loss.png", dpi=100)
-        plt.close(figure)
+        partial = self.run_dir / ".loss.png.partial"
+        try:
+            figure.savefig(partial, dpi=100, format="png")
+            os.replace(partial, self.run_dir / "loss.png")
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(self.run_dir / "loss.png")) from e
+        finally:
+            plt.close(figure)

@@ -12,10 +12,11 @@ across a document boundary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import logging
+import math
 import pathlib
 import signal
 import time
@@ -30,16 +31,26 @@ from flax import nnx, struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mellama_jax.checkpoint import find_params, restore_params, restore_run, run_manager, save_run
+from mellama_jax.checkpoint import (
+    checkpoint,
+    find_params,
+    finish_checkpoints,
+    restore_params,
+    restore_run,
+    run_manager,
+    save_failure,
+)
 from mellama_jax.config import TrainConfig
-from mellama_jax.data.cpt import cpt_batches
+from mellama_jax.data.cpt import cpt_batches, mixture_tokens
 from mellama_jax.data.sft import sft_batches
 from mellama_jax.data.synthetic import CountingBatches
 from mellama_jax.distributed import initialize
 from mellama_jax.errors import UserError
 from mellama_jax.metrics_log import MetricsLog
 from mellama_jax.model import Llama, abstract_model, with_params
+from mellama_jax.outdir import disk_full
 from mellama_jax.plan import train_flops_per_token
+from mellama_jax.run_dir import MODEL_CONFIG, RunLock, adopt_checkpoint_files, check_resume, check_run_dir, write_json
 from mellama_jax.sharding import activation_mesh, batch_sharding, make_mesh, process_rows, shardings
 
 log = logging.getLogger(__name__)
@@ -221,6 +232,17 @@ def _anywhere(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(f) for f in multihost_utils.process_allgather(np.asarray(flags, np.int32)).any(axis=0))
 
 
+def _together(action: Callable[[], object]) -> None:
+    """Runs `action` here; if it fails on any process, every process stops (else the others would wait forever)."""
+    error = None
+    try:
+        action()
+    except (UserError, OSError) as e:
+        error = e
+    if _anywhere(error is not None)[0]:
+        raise error or UserError("another process could not start the run (its error says why)")
+
+
 def batches(cfg: TrainConfig, first_row: int, rows: int):
     """This process's rows of every global batch, from the configured data; `get_state`/`set_state` resume it."""
     if cfg.data.kind == "synthetic":
@@ -228,10 +250,53 @@ def batches(cfg: TrainConfig, first_row: int, rows: int):
     return (cpt_batches if cfg.data.kind == "cpt" else sft_batches)(cfg, first_row, rows)
 
 
+def resolve_steps(cfg: TrainConfig) -> TrainConfig:
+    """`steps: auto` made the number of steps the data covers; a fixed `steps` that disagrees with it is warned of."""
+    tokens, per_step = mixture_tokens(cfg), cfg.global_batch * cfg.seq_len
+    if tokens is None:
+        if cfg.steps == "auto":
+            raise UserError(
+                "steps: auto needs a cpt mixture of prepared sources with data.epochs, or data.token_budget"
+            )
+        return cfg
+    covered = max(1, math.ceil(tokens / per_step))
+    if cfg.steps == "auto":
+        log.info(
+            "steps: auto = %d (the data's %s tokens at %s tokens per step)", covered, f"{tokens:,}", f"{per_step:,}"
+        )
+        return dataclasses.replace(cfg, steps=covered)
+    log.info("the data covers %d steps (%s tokens at %s per step); steps is %d", covered, f"{tokens:,}",
+             f"{per_step:,}", cfg.steps)  # fmt: skip
+    if covered < 0.99 * cfg.steps:
+        lr = float(schedule(cfg)(covered))
+        log.warning("the data ends near step %d of %d, where the learning rate is still %.3g; set steps: auto,"
+                    " or data.on_source_end: repeat", covered, cfg.steps, lr)  # fmt: skip
+    elif covered > 1.01 * cfg.steps:
+        log.warning("the run stops at step %d with %.0f%% of the data unread; set steps: auto to read it all",
+                    cfg.steps, 100 * (1 - cfg.steps / covered))  # fmt: skip
+    return cfg
+
+
 def train(cfg: TrainConfig) -> list[dict]:
-    """Runs (or resumes) `cfg` to `cfg.steps` or the end of its data; SIGTERM/SIGINT save and stop cleanly."""
+    """Runs (or resumes) `cfg` to `cfg.steps` or the end of its data; SIGTERM/SIGINT save and stop cleanly.
+
+    Before anything in `run_dir` changes, the run is checked against what the folder already holds (a
+    different model is refused), and process 0 takes the run's lock (a second writer is refused).
+    """
     initialize(cfg.distributed)
     run_dir, lead = pathlib.Path(cfg.run_dir), jax.process_index() == 0
+    check_run_dir(run_dir)
+    check_resume(run_dir, cfg.model)
+    lock = RunLock(run_dir)
+    _together(lambda: lead and (run_dir.mkdir(parents=True, exist_ok=True), lock.acquire()))
+    try:
+        _together(lambda: lead or lock.check())
+        return _run(resolve_steps(cfg), run_dir, lead)
+    finally:
+        lock.release()
+
+
+def _run(cfg: TrainConfig, run_dir: pathlib.Path, lead: bool) -> list[dict]:
     mesh = make_mesh(cfg.mesh)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if (cfg.global_batch // cfg.micro_batches) % split:
@@ -245,8 +310,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     manager = run_manager(run_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
     start, state = start_state(cfg, mesh, manager, data)
     if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg.model), indent=2) + "\n")
+        write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(cfg.model))
+        if cfg.init_from and start == 0:
+            adopt_checkpoint_files(pathlib.Path(cfg.init_from), run_dir)
+        log.info("run %s: metrics.jsonl, loss.png and checkpoints/ there; watch with: tensorboard --logdir %s",
+                 run_dir, run_dir / "tensorboard")  # fmt: skip
     step_fn, batch_sh = compile_step(cfg, mesh), batch_sharding(mesh)
 
     def fetch() -> dict | None:  # None once the data has ended
@@ -262,11 +330,13 @@ def train(cfg: TrainConfig) -> list[dict]:
     previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     flops, peak = train_flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch * cfg.seq_len, _peak_flops(cfg)
     bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not lead, unit="step")
+    finished = False
     try:
         batch, tick = fetch(), time.perf_counter()
-        if start < cfg.steps and _anywhere(batch is None)[0]:
+        ended = start < cfg.steps and _anywhere(batch is None)[0]  # one process's shard may end before another's
+        if ended:
             log.warning("the data ended at step %d; nothing left to train on", start)
-        for step in range(start, cfg.steps if batch is not None else start):
+        for step in range(start, start if ended else cfg.steps):
             state, metrics = step_fn(state, batch)  # dispatched: the device runs it while the host goes on
             data_state = data.get_state()  # the position after this step's batch, for its checkpoint
             if step + 1 < cfg.steps:
@@ -277,21 +347,30 @@ def train(cfg: TrainConfig) -> list[dict]:
             row = {"step": step + 1, **metrics, "tokens_per_s": cfg.global_batch * cfg.seq_len / seconds}
             row["mfu"] = flops / seconds / (peak * jax.device_count()) if peak else None
             metrics_log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=row["mfu"])
+            shown = {"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+            bar.set_postfix(shown | ({"mfu": f"{row['mfu']:.1%}"} if peak else {}))
             bar.update()
             signalled, ended = _anywhere(bool(stop), batch is None and step + 1 < cfg.steps)
-            save_run(manager, step + 1, state, data_state, force=signalled or ended or step + 1 == cfg.steps)
+            last = signalled or ended or step + 1 == cfg.steps
+            if checkpoint(manager, step + 1, state, data_state, force=last):
+                metrics_log.plot()
             if signalled:
                 log.warning("signal %s: saved step %d, stopping", stop[0] if stop else "on another process", step + 1)
             if ended:
                 log.info("the data ended: saved step %d, stopping", step + 1)
-            if signalled or ended:
+            if last:
                 break
+        finish_checkpoints(manager)
+        finished = True
+    except OSError as e:  # a full disk may first show in the metrics or the plot, while a save fails behind
+        raise save_failure(manager, e) if disk_full(e) else e from e
     finally:
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
-        metrics_log.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if not finished:  # already failing: the cleanup must not hide why
+            with contextlib.suppress(Exception):
+                finish_checkpoints(manager)
+        with contextlib.suppress(Exception) if not finished else contextlib.nullcontext():
+            metrics_log.close()
     return metrics_log.rows

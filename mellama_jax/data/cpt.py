@@ -9,8 +9,9 @@
   restart at 0 in each window). Windows are laid into rows back to back; one that does not fit the rest
   of a row continues at the start of the next, keeping its positions. `segment_ids` number the pieces
   of a row from 1 (0 = padding, only after the data ends); `loss_mask` is 1 on every real token.
-- Stopping: when a source would start epoch `epochs` + 1, or when this shard has taken its share of
-  `token_budget`; the last batch is padded.
+- Stopping: with `epochs`, when a source would start epoch `epochs` + 1 (`on_source_end: stop`), or
+  (`repeat`) when every source has had `epochs` epochs, those done first starting over meanwhile; and
+  when this shard has taken its share of `token_budget`. The last batch is padded.
 - State: per source (epoch, next position, tokens taken, skipped) and where the document in hand is cut.
   It is a few numbers of JSON, and restoring it gives identical next batches.
 """
@@ -56,9 +57,10 @@ class Mixture(PackedBatches):
     """Packed CPT batches from `streams`, mixed by token `weights`."""
 
     def __init__(self, streams: list[Stream], weights: list[float], seq_len: int, rows: int, window: int,
-                 epochs: int = 0, token_budget: int = 0):  # fmt: skip
+                 epochs: int = 0, token_budget: int = 0, repeat: bool = False):  # fmt: skip
         self.streams, self.weights = streams, np.asarray(weights, np.float64) / sum(weights)
         self.seq_len, self.rows, self.window, self.epochs, self.budget = seq_len, rows, window, epochs, token_budget
+        self.repeat = repeat
         self.set_state({"sources": [{"epoch": 0, "next": 0, "tokens": 0, "skipped": 0} for _ in streams],
                         "piece": None, "done": False})  # fmt: skip
 
@@ -76,9 +78,11 @@ class Mixture(PackedBatches):
             i = int(np.argmin(taken / self.weights))
             source, stream = sources[i], self.streams[i]
             if source["next"] == stream.length:
-                if self.epochs and source["epoch"] + 1 >= self.epochs:
+                if self.epochs and source["epoch"] + 1 >= self.epochs and not self.repeat:
                     return False
                 source["epoch"], source["next"] = source["epoch"] + 1, 0
+                if self.epochs and all(s["epoch"] >= self.epochs for s in sources):  # (repeat: the last one ended)
+                    return False
             k = source["next"]
             source["next"] += 1
             tokens = stream.tokens(source["epoch"], k)
@@ -156,4 +160,24 @@ def cpt_batches(cfg: TrainConfig, first_row: int, rows: int) -> Mixture:
     streams = [_stream(s, i, cfg, tokenizer).split(shard, shards) for i, s in enumerate(cfg.data.sources)]
     budget = cfg.data.token_budget // shards if cfg.data.token_budget else 0
     weights = [s.weight for s in cfg.data.sources]
-    return Mixture(streams, weights, cfg.seq_len, rows, cfg.model.max_seq_len, cfg.data.epochs, budget)
+    repeat = cfg.data.on_source_end == "repeat"
+    return Mixture(streams, weights, cfg.seq_len, rows, cfg.model.max_seq_len, cfg.data.epochs, budget, repeat)
+
+
+def mixture_tokens(cfg: TrainConfig) -> int | None:
+    """Tokens (BOS and EOS included) the data yields before it ends, from prepared manifests' exact counts;
+    None when the data does not end (no epochs or budget) or its size is unknown (raw sources)."""
+    d = cfg.data
+    if d.kind != "cpt" or not d.epochs:
+        return d.token_budget or None
+    if any(s.format != "prepared" for s in d.sources):
+        return d.token_budget or None  # raw sources are tokenized on the fly: their size is unknown
+    per_source = []
+    for source in d.sources:
+        manifest = PreparedDocuments(source.name, pathlib.Path(source.paths[0])).manifest
+        per_source.append(d.epochs * (manifest["tokens"] + 2 * manifest["documents"]))
+    weights = np.asarray([s.weight for s in d.sources]) / sum(s.weight for s in d.sources)
+    # the mixture takes source i's tokens at share w_i: it ends when the first (stop) or last (repeat) runs out
+    ends = [tokens / w for tokens, w in zip(per_source, weights, strict=True)]
+    total = int(max(ends) if d.on_source_end == "repeat" else min(ends))
+    return min(total, d.token_budget) if d.token_budget else total
