@@ -136,3 +136,40 @@ def test_each_process_resumes_its_own_shard_of_a_cpt_corpus(tmp_path, shared_dat
     alone = launch(tmp_path, "run", 4, "steps=6")  # one process cannot take over two processes' positions
     _, err = alone.communicate(timeout=300)
     assert alone.returncode == 2 and "written by 2 processes" in err
+
+
+def test_a_relaunch_after_one_shard_ended_exits_cleanly_on_every_process(tmp_path, shared_data):
+    from mellama_jax.data.prepare import prepare
+
+    # two documents, one per process: one shard ends after a step, the other has batches left
+    texts = ["aspirin for fever", " ".join(["patient reports chest pain after exercise"] * 60)]
+    (tmp_path / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = shared_data / "llama2_tokenizer.model"
+    prepare([str(tmp_path / "notes.jsonl")], str(tokenizer), tmp_path / "prepared", workers=1)
+    (tmp_path / "run.yaml").write_text(
+        CONFIG.replace("vocab_size: 256", "vocab_size: 32000").replace("steps: 3", "steps: 50")
+        + f"data: {{kind: cpt, epochs: 1, sources: [{{name: notes, paths: [{tmp_path / 'prepared'}],"
+        + " format: prepared}]}\n"
+    )
+
+    def two_processes() -> list[str]:
+        joined = [f"distributed.coordinator=127.0.0.1:{free_port()}", "distributed.num_processes=2"]
+        processes = [launch(tmp_path, "run", 2, *joined, f"distributed.process_id={i}") for i in range(2)]
+        errors = []
+        for process in processes:
+            try:
+                errors.append(process.communicate(timeout=120)[1])
+            except subprocess.TimeoutExpired:
+                for p in processes:
+                    p.kill()
+                pytest.fail("a process waits forever for the other")
+            assert process.returncode == 0, errors[-1][-3000:]
+        return errors
+
+    first = two_processes()
+    assert "the data ended: saved step 1, stopping" in first[0]
+    data = tmp_path / "run" / "checkpoints" / "1" / "data"
+    done = [json.loads((data / f"process_{i}-of-2.json").read_text())["done"] for i in range(2)]
+    assert sorted(done) == [False, True]  # one shard has ended, the other has not
+    again = two_processes()
+    assert "the data ended at step 1; nothing left to train on" in again[0]

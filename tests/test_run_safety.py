@@ -172,3 +172,16 @@ def test_tensorboard_has_one_event_file_and_drops_redone_steps(tmp_path, capsys)
     scalars = reader.Scalars("train/loss")
     assert [s.step for s in scalars] == [1, 2, 3, 4, 5]  # 3 and 4 once each: the redone ones
     np.testing.assert_allclose([s.value for s in scalars], [r["loss"] for r in rows], rtol=1e-6)
+
+
+def test_a_damaged_checkpoint_falls_back_without_library_noise(tmp_path, capsys):
+    assert train(tmp_path, capsys)[0] == 0
+    state = tmp_path / "run" / "checkpoints" / "4" / "state"
+    for f in (f for f in state.rglob("*") if "ocdbt.process" in str(f) and f.is_file()):
+        f.write_bytes(b"\0" * f.stat().st_size)  # the bytes are there, but not the data
+    process = start(tmp_path, "steps=6")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert "checkpoints/4 does not restore" in err and "moved to 4.unreadable" in err
+    for noise in ("Traceback", "Event loop is closed", "Exception ignored", "ERROR:"):
+        assert noise not in err, err[-3000:]
