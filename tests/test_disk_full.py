@@ -160,3 +160,9 @@ def test_training_into_a_full_disk_stops_at_the_failed_save_and_resumes_when_the
     assert code == 0, err[-20:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))
+
+
+def test_a_read_only_run_dir_is_refused_in_one_line(tmp_path, read_only, capsys):
+    (tmp_path / "run.yaml").write_text(TRAIN)
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), f"run_dir={read_only / 'run'}"]) == 2
+    assert capsys.readouterr().err == f"mellama train: error: {read_only / 'run'}: {os.strerror(30)}\n"
