@@ -110,7 +110,7 @@ def staged_output(
         raise OSError(e.errno, e.strerror, str(out_dir)) from e
     try:
         yield staging
-        _swap_in(staging, out_dir)
+        _swap_in(staging, out_dir, overwrite)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         code = disk_full(e)
@@ -119,11 +119,16 @@ def staged_output(
         raise
 
 
-def _swap_in(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
-    if not out_dir.exists():
-        staging.rename(out_dir)
+def _swap_in(staging: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:
+    if not overwrite or not out_dir.exists():
+        try:  # rename(2) replaces an empty folder and refuses a full one: another writer's output is never lost
+            staging.rename(out_dir)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise UserError(f"{out_dir}: written by another process while this one ran; left as it is") from None
         return
-    # only reached when empty or when overwriting: swap, then drop the old one
+    # overwriting: swap, then drop the old one
     old = _hidden(out_dir, "old")
     out_dir.rename(old / out_dir.name)
     try:

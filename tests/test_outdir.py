@@ -112,3 +112,13 @@ def test_an_output_under_a_file_is_refused_in_one_line(tmp_path):
         with pytest.raises(UserError, match=f"^{message}$"), staged_output(out):
             pass
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_second_writer_into_the_same_output_never_replaces_the_first(tmp_path):
+    message = r"out: written by another process while this one ran; left as it is"
+    with pytest.raises(UserError, match=message), staged_output(tmp_path / "out") as late:
+        (late / "weights").write_text("late")
+        with staged_output(tmp_path / "out") as early:  # started after, finished first
+            (early / "weights").write_text("early")
+    assert (tmp_path / "out" / "weights").read_text() == "early"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial left behind
