@@ -78,3 +78,12 @@ def test_plan_command_bad_key_exits_2_with_one_line():
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0
     assert "unknown key 'model.nheads'" in run.stderr
+
+
+def test_mellama_debug_shows_the_traceback(monkeypatch, capsys):
+    from mellama_jax.cli import main
+
+    assert main(["plan", "model.nheads=3"]) == 2 and "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("MELLAMA_DEBUG", "1")
+    with pytest.raises(UserError, match="unknown key 'model.nheads'"):
+        main(["plan", "model.nheads=3"])

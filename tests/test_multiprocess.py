@@ -173,3 +173,28 @@ def test_a_relaunch_after_one_shard_ended_exits_cleanly_on_every_process(tmp_pat
     assert sorted(done) == [False, True]  # one shard has ended, the other has not
     again = two_processes()
     assert "the data ended at step 1; nothing left to train on" in again[0]
+
+
+def test_two_processes_fall_back_together_from_a_damaged_checkpoint(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        CONFIG.replace("steps: 3", "steps: 4").replace("checkpoint_every: 3", "checkpoint_every: 2")
+    )
+
+    def two_processes() -> list[str]:
+        joined = [f"distributed.coordinator=127.0.0.1:{free_port()}", "distributed.num_processes=2"]
+        processes = [launch(tmp_path, "run", 2, *joined, f"distributed.process_id={i}") for i in range(2)]
+        errors = [p.communicate(timeout=300)[1] for p in processes]
+        for process, err in zip(processes, errors, strict=True):
+            assert process.returncode == 0, err[-3000:]
+        return errors
+
+    two_processes()
+    straight = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    state = tmp_path / "run" / "checkpoints" / "4" / "state"
+    for f in (f for f in state.rglob("*") if "ocdbt.process" in str(f) and f.is_file()):
+        f.write_bytes(b"\0" * f.stat().st_size)
+    errors = two_processes()
+    assert "moved to 4.unreadable" in errors[0] and (tmp_path / "run" / "checkpoints" / "4.unreadable").is_dir()
+    resumed = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    same = lambda rows: [(r["step"], r["loss"], r["grad_norm"]) for r in rows]  # noqa: E731
+    assert same(resumed) == same(straight)  # both processes went back to step 2 and redid 3 and 4 alike
