@@ -260,6 +260,7 @@ def resolve_steps(cfg: TrainConfig) -> TrainConfig:
             )
         return cfg
     covered = max(1, math.ceil(tokens / per_step))
+    warn = log.warning if jax.process_index() == 0 else log.debug  # every process computes it; one says so
     if cfg.steps == "auto":
         log.info(
             "steps: auto = %d (the data's %s tokens at %s tokens per step)", covered, f"{tokens:,}", f"{per_step:,}"
@@ -269,10 +270,10 @@ def resolve_steps(cfg: TrainConfig) -> TrainConfig:
              f"{per_step:,}", cfg.steps)  # fmt: skip
     if covered < 0.99 * cfg.steps:
         lr = float(schedule(cfg)(covered))
-        log.warning("the data ends near step %d of %d, where the learning rate is still %.3g; set steps: auto,"
+        warn("the data ends near step %d of %d, where the learning rate is still %.3g; set steps: auto,"
                     " or data.on_source_end: repeat", covered, cfg.steps, lr)  # fmt: skip
     elif covered > 1.01 * cfg.steps:
-        log.warning("the run stops at step %d with %.0f%% of the data unread; set steps: auto to read it all",
+        warn("the run stops at step %d with %.0f%% of the data unread; set steps: auto to read it all",
                     cfg.steps, 100 * (1 - cfg.steps / covered))  # fmt: skip
     return cfg
 
@@ -288,9 +289,15 @@ def train(cfg: TrainConfig) -> list[dict]:
     check_run_dir(run_dir)
     check_resume(run_dir, cfg.model)
     lock = RunLock(run_dir)
-    _together(lambda: lead and (run_dir.mkdir(parents=True, exist_ok=True), lock.acquire()))
+
+    def claim() -> None:
+        if lead:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+
+    _together(claim)  # process 0 holds the lock; the others then check that they see it
     try:
-        _together(lambda: lead or lock.check())
+        _together(lambda: None if lead else lock.check())
         return _run(resolve_steps(cfg), run_dir, lead)
     finally:
         lock.release()
