@@ -271,10 +271,10 @@ def resolve_steps(cfg: TrainConfig) -> TrainConfig:
     if covered < 0.99 * cfg.steps:
         lr = float(schedule(cfg)(covered))
         warn("the data ends near step %d of %d, where the learning rate is still %.3g; set steps: auto,"
-                    " or data.on_source_end: repeat", covered, cfg.steps, lr)  # fmt: skip
+             " or data.on_source_end: repeat", covered, cfg.steps, lr)  # fmt: skip
     elif covered > 1.01 * cfg.steps:
         warn("the run stops at step %d with %.0f%% of the data unread; set steps: auto to read it all",
-                    cfg.steps, 100 * (1 - cfg.steps / covered))  # fmt: skip
+             cfg.steps, 100 * (1 - cfg.steps / covered))  # fmt: skip
     return cfg
 
 
