@@ -333,5 +333,7 @@ class TrainConfig:
             raise UserError(f"micro_batches ({self.micro_batches}) must divide global_batch ({self.global_batch})")
         if self.seq_len > self.model.max_seq_len:
             raise UserError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if not self.run_dir:
+            raise UserError("run_dir must name a folder")
         if self.peak_tflops < 0:
             raise UserError(f"peak_tflops must be >= 0 (0: from the device kind), got {self.peak_tflops}")

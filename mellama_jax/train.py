@@ -50,7 +50,15 @@ from mellama_jax.metrics_log import MetricsLog
 from mellama_jax.model import Llama, abstract_model, with_params
 from mellama_jax.outdir import disk_full
 from mellama_jax.plan import train_flops_per_token
-from mellama_jax.run_dir import MODEL_CONFIG, RunLock, adopt_checkpoint_files, check_resume, check_run_dir, write_json
+from mellama_jax.run_dir import (
+    MODEL_CONFIG,
+    RunLock,
+    adopt_checkpoint_files,
+    check_resume,
+    check_run_dir,
+    has_checkpoints,
+    write_json,
+)
 from mellama_jax.sharding import activation_mesh, batch_sharding, make_mesh, process_rows, shardings
 
 log = logging.getLogger(__name__)
@@ -215,14 +223,22 @@ def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, Train
         return step, state
     state = init_state(cfg, mesh)
     if cfg.init_from:
-        item_dir, subtree = find_params(pathlib.Path(cfg.init_from))
-        if subtree:
-            raise UserError(f"init_from {cfg.init_from}: expected a converted checkpoint (params/), not a run")
         try:
-            state = state.replace(params=restore_params(item_dir, target=abstract.params))
+            state = state.replace(params=restore_params(init_params(cfg), target=abstract.params))
         except ValueError as e:
             raise UserError(f"init_from {cfg.init_from}: does not fit model config ({str(e)[:200]})") from None
     return 0, state
+
+
+def init_params(cfg: TrainConfig) -> pathlib.Path:
+    """The orbax folder of `init_from`'s params; a missing path or a training run is refused."""
+    try:
+        item_dir, subtree = find_params(pathlib.Path(cfg.init_from))
+    except UserError as e:
+        raise UserError(f"init_from {e}") from None
+    if subtree:
+        raise UserError(f"init_from {cfg.init_from}: expected a converted checkpoint (params/), not a run")
+    return item_dir
 
 
 def _anywhere(*flags: bool) -> tuple[bool, ...]:
@@ -288,6 +304,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     run_dir, lead = pathlib.Path(cfg.run_dir), jax.process_index() == 0
     check_run_dir(run_dir)
     check_resume(run_dir, cfg.model)
+    if cfg.init_from and not has_checkpoints(run_dir):
+        init_params(cfg)  # refused before run_dir is made
     lock = RunLock(run_dir)
 
     def claim() -> None:

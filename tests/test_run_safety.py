@@ -185,3 +185,11 @@ def test_a_damaged_checkpoint_falls_back_without_library_noise(tmp_path, capsys)
     assert "checkpoints/4 does not restore" in err and "moved to 4.unreadable" in err
     for noise in ("Traceback", "Event loop is closed", "Exception ignored", "ERROR:"):
         assert noise not in err, err[-3000:]
+
+
+def test_a_missing_init_from_is_refused_before_run_dir_is_made(tmp_path, capsys):
+    code, err = train(tmp_path, capsys, f"init_from={tmp_path / 'nothere'}")
+    assert code == 2 and f"init_from {tmp_path / 'nothere'}: not a converted checkpoint" in error_line(err)
+    assert not (tmp_path / "run").exists()
+    code, err = train(tmp_path, capsys, "run_dir=''")
+    assert code == 2 and "override \"run_dir=''\": run_dir must name a folder" in error_line(err)
