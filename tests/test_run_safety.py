@@ -193,3 +193,17 @@ def test_a_missing_init_from_is_refused_before_run_dir_is_made(tmp_path, capsys)
     assert not (tmp_path / "run").exists()
     code, err = train(tmp_path, capsys, "run_dir=''")
     assert code == 2 and "override \"run_dir=''\": run_dir must name a folder" in error_line(err)
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
+def test_a_kill_9_early_in_a_resumed_run_keeps_the_history_whole(tmp_path, capsys, delay):
+    assert train(tmp_path, capsys)[0] == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    process = start(tmp_path, "steps=40")
+    time.sleep(delay)  # somewhere in start-up: restore, the metrics rewrite, compilation, the first steps
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    after = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert after.startswith(before)  # nothing of the checkpointed history is lost
+    steps = [json.loads(line)["step"] for line in after.splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # and no gap
