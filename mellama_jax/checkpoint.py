@@ -14,12 +14,12 @@ A CKPT_DIR is anything we write (DESIGN §4):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import pathlib
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 
@@ -31,6 +31,7 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from orbax.checkpoint import type_handlers as th
 
+from mellama_jax.distributed import anywhere
 from mellama_jax.errors import UserError
 from mellama_jax.outdir import disk_full
 
@@ -110,30 +111,6 @@ def restore_params(directory: pathlib.Path, target=None) -> dict:
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     with ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-
-
-# What orbax and tensorstore print when one of their operations fails: a traceback logged per background
-# thread and per abandoned asyncio task, and "Event loop is closed" from futures that finish after the loop
-# that awaited them was closed. The failure itself is raised to our code, which reports it in one line.
-_RELAYED = ("raised an exception", "Failed to run", "(save_finalize) failed", "exception was never retrieved")
-
-
-def _relayed(record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and any(m in record.getMessage() for m in _RELAYED))
-
-
-def _abandoned(unraisable) -> bool:
-    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax's, garbage-collected unfinished
-    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-    return closed or "orbax" in getattr(code, "co_filename", "")
-
-
-def quiet_library_failures() -> None:
-    """Silences orbax's and tensorstore's own reports of failures that they also raise to us (process-wide)."""
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_relayed)
-    default = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: None if _abandoned(unraisable) else default(unraisable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +214,19 @@ def _keys(path) -> set[str]:
     return {_key(k) for k in path}
 
 
-def checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False) -> bool:
-    """`save_run`, once the saves before it are known to have succeeded: a failed save stops the run at once."""
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """Raises the one-line error of a background save that has failed."""
     try:
         manager.check_for_errors()
+    except Exception as e:  # orbax and tensorstore raise many types; all of them mean that save is lost
+        raise save_failure(manager, e) from e
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False) -> bool:
+    """`save_run`, with a failure (of this save or of the one before) as a one-line error."""
+    try:
         return save_run(manager, step, state, data_state, force)
-    except Exception as e:  # orbax and tensorstore raise many types; all of them mean this save is lost
+    except Exception as e:
         raise save_failure(manager, e) from e
 
 
@@ -259,6 +243,8 @@ def finish_checkpoints(manager: ocp.CheckpointManager) -> None:
 
 def save_failure(manager: ocp.CheckpointManager, error: Exception) -> UserError:
     """The one-line error of a run stopped by a failed save or a full disk, naming the last complete step."""
+    with contextlib.suppress(Exception):  # the save in flight ends (or fails) before its folder is cleaned
+        manager.wait_until_finished()
     folder = pathlib.Path(str(manager.directory))
     for partial in folder.glob("*.orbax-checkpoint-tmp*"):  # the failed save's half-written step
         shutil.rmtree(partial, ignore_errors=True)
@@ -274,11 +260,12 @@ def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, ob
     """The latest complete step that restores, resharded as `abstract_state`'s shardings say.
 
     A step whose saved shapes differ from `abstract_state`'s is refused (a config mismatch, not damage).
-    A step that fails to read on any process is moved aside to `<step>.unreadable` (kept for inspection,
-    and out of the way of the step's new save) on all of them alike, with a warning, and the one before
-    is tried.
+    A step that fails to read (on any process: they decide together) is passed over for the one before.
+    Once an older step restores, the failed ones are moved aside to `<step>.unreadable` (kept for
+    inspection, out of the way of new saves) with a warning. If no step restores, nothing is moved: the
+    cause may be this machine (memory, filesystem, mesh), not the checkpoints.
     """
-    restored, moved = None, False
+    failed: list[tuple[pathlib.Path, str]] = []
     for step in sorted(manager.all_steps(), reverse=True):
         folder = pathlib.Path(str(manager.directory)) / str(step)
         _check_process_count(folder / "data")
@@ -291,29 +278,31 @@ def restore_run(manager: ocp.CheckpointManager, abstract_state) -> tuple[int, ob
             found = manager.restore(step, args=args)
         except UserError:
             raise
-        except Exception as e:  # a damaged checkpoint: orbax/tensorstore raise many types
+        except Exception as e:  # damage, or this machine: orbax/tensorstore raise many types
             error = e
-        if _failed_anywhere(error is not None):
-            aside = _unused(folder.with_name(f"{step}.unreadable"))
-            reason = str(error)[:200] if error else "it failed on another process"
-            log.warning("checkpoint %s does not restore (%s); moved to %s", folder, reason, aside.name)
-            if jax.process_index() == 0:
-                folder.rename(aside)
-            moved = True
+        if anywhere(error is not None)[0]:
+            failed.append((folder, (str(error).splitlines() or [""])[0][:200] if error else "on another process"))
             continue
-        restored = step, found.state, data.state
-        break
-    if moved:
+        _move_aside(manager, failed)
+        return step, found.state, data.state
+    if failed:
+        folder, reason = failed[0]
+        raise UserError(
+            f"{folder.parent}: no checkpoint restores (step {folder.name}: {reason}); nothing was moved aside"
+        )
+    return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, failed: list[tuple[pathlib.Path, str]]) -> None:
+    for folder, reason in failed:
+        aside = _unused(folder.with_name(f"{folder.name}.unreadable"))
+        log.warning("checkpoint %s does not restore (%s); moved to %s", folder, reason, aside.name)
+        if jax.process_index() == 0:
+            folder.rename(aside)
+    if failed:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("mellama: unreadable checkpoints moved aside")
         manager.reload()
-    return restored
-
-
-def _failed_anywhere(failed: bool) -> bool:
-    if jax.process_count() == 1:
-        return failed
-    return bool(multihost_utils.process_allgather(np.asarray(failed, np.int32)).any())
 
 
 def _check_shapes(item_dir: pathlib.Path, abstract_state) -> None:

@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> None:
     import jax
 
     from mellama_jax.distributed import initialize
-    from mellama_jax.train import train
+    from mellama_jax.loop import train
 
     initialize(cfg.distributed)
     if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
@@ -147,6 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What orbax and tensorstore print when one of their operations fails: a traceback logged per background
+# thread and per abandoned asyncio task, and "Event loop is closed" from futures that finish after the loop
+# that awaited them was closed. The failure itself is raised to our code, which reports it in one line.
+_RELAYED = ("raised an exception", "Failed to run", "(save_finalize) failed", "exception was never retrieved")
+
+
+def _relayed(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and any(m in record.getMessage() for m in _RELAYED))
+
+
+def _abandoned(unraisable) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax's, garbage-collected unfinished
+    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+    return closed or "orbax" in getattr(code, "co_filename", "")
+
+
+def _quiet_library_failures() -> None:
+    """Silences orbax's and tensorstore's own reports of failures that they also raise to us (process-wide, once)."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_relayed)  # adding the same filter again is a no-op
+    if not getattr(sys.unraisablehook, "mellama", False):
+        default = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: None if _abandoned(unraisable) else default(unraisable)
+        sys.unraisablehook.mellama = True
+
+
 def _one_line(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
@@ -162,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False  # libraries (absl) may configure the root logger; print ours once
     if not os.environ.get("MELLAMA_DEBUG"):
-        from mellama_jax.checkpoint import quiet_library_failures
-
-        quiet_library_failures()
+        _quiet_library_failures()
     try:
         args.run(args)
     except (UserError, OSError) as e:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from mellama_jax.config import DistributedConfig
 from mellama_jax.errors import UserError
@@ -67,3 +70,22 @@ def initialize(cfg: DistributedConfig) -> None:
     jax.distributed.initialize(coordinator or None, count, index)
     if jax.process_index() == 0:
         log.info("%d processes joined (%s)", jax.process_count(), coordinator or source)
+
+
+def anywhere(*flags: bool) -> tuple[bool, ...]:
+    """Whether each flag holds on any process, in one exchange: processes that decide together never diverge."""
+    if jax.process_count() == 1:
+        return flags
+    return tuple(bool(f) for f in multihost_utils.process_allgather(np.asarray(flags, np.int32)).any(axis=0))
+
+
+def together(action: Callable[[], object]) -> None:
+    """Runs `action` here; if it fails on any process, every process stops (else the others would wait forever
+    in their next exchange)."""
+    error = None
+    try:
+        action()
+    except (UserError, OSError) as e:
+        error = e
+    if anywhere(error is not None)[0]:
+        raise error or UserError("another process stopped the run (its error says why)")

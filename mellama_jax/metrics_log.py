@@ -10,6 +10,7 @@ redrawn at every checkpoint. Only process 0 writes (`enabled`).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -21,6 +22,8 @@ import time
 
 from tensorboardX.proto import event_pb2, summary_pb2
 from tensorboardX.record_writer import masked_crc32c
+
+from mellama_jax.outdir import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,8 @@ class EventFile:
 
     def __init__(self, folder: pathlib.Path, start_step: int):
         folder.mkdir(parents=True, exist_ok=True)
-        found = sorted(folder.glob("events.out.tfevents.*"))
-        path = found[0] if found else folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        found = sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        path = found[-1] if found else folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
         if path.exists():
             os.truncate(path, _whole_records(path.read_bytes()))
         self.file = open(path, "ab")  # noqa: SIM115 - held open for the run, closed in close()
@@ -77,14 +80,22 @@ class EventFile:
 
 
 def _whole_records(raw: bytes) -> int:
-    """The length of the prefix of `raw` made of whole records (header, header CRC, data, data CRC)."""
+    """The length of the prefix of `raw` made of whole, intact records (header, its CRC, data, its CRC): a
+    torn or zero-filled tail would stop TensorBoard's reader before anything appended after it."""
     end = 0
     while end + 12 <= len(raw):
-        (length,) = struct.unpack("<Q", raw[end : end + 8])
-        if end + 12 + length + 4 > len(raw):
+        header = raw[end : end + 8]
+        (length,) = struct.unpack("<Q", header)
+        data = raw[end + 12 : end + 12 + length]
+        crcs = raw[end + 8 : end + 12], raw[end + 12 + length : end + 16 + length]
+        if len(data) < length or crcs != (_crc(header), _crc(data)):
             break
-        end += 12 + length + 4
+        end += 16 + length
     return end
+
+
+def _crc(data: bytes) -> bytes:
+    return struct.pack("<I", masked_crc32c(data))
 
 
 class MetricsLog:
@@ -95,12 +106,7 @@ class MetricsLog:
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
             self.rows = [row for row in read_rows(path) if row["step"] <= start_step]
-        partial = path.with_name(".metrics.jsonl.partial")
-        with open(partial, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        replace_file(path, "".join(json.dumps(row) + "\n" for row in self.rows).encode())
         self.file = open(path, "a")  # noqa: SIM115 - held open for the run, closed in close()
         self.events = EventFile(self.run_dir / "tensorboard", start_step)
 
@@ -141,12 +147,7 @@ class MetricsLog:
         lr_axis.set_ylabel("learning rate")
         loss_axis.legend(lines, [line.get_label() for line in lines], loc="upper right")
         figure.tight_layout()
-        partial = self.run_dir / ".loss.png.partial"
-        try:
-            figure.savefig(partial, dpi=100, format="png")
-            os.replace(partial, self.run_dir / "loss.png")
-        except OSError as e:
-            partial.unlink(missing_ok=True)
-            raise OSError(e.errno, e.strerror, str(self.run_dir / "loss.png")) from e
-        finally:
-            plt.close(figure)
+        image = io.BytesIO()
+        figure.savefig(image, dpi=100, format="png")
+        plt.close(figure)
+        replace_file(self.run_dir / "loss.png", image.getvalue())

@@ -138,3 +138,18 @@ def _swap_in(staging: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> N
         old.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_file(path: pathlib.Path, data: bytes) -> None:
+    """`data` written beside `path`, synced, and renamed into place: a kill or a full disk leaves either the
+    old file or the new one, and no partial beside it."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e

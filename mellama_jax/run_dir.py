@@ -1,9 +1,12 @@
 """A training run's folder: one writer at a time, and a resume only into the run it already is.
 
 - `RunLock`: `run.lock` holds the writer's host, pid and start time under an exclusive `flock` for the
-  whole run. A second writer is refused naming the holder. The kernel drops the flock when its process
-  dies (even by kill -9), so a lock file whose flock is free on this host is stale and is taken over
-  with a warning; one written from another host is refused (its process cannot be checked from here).
+  whole run, and its holder touches it every `HEARTBEAT` seconds. A second writer is refused naming the
+  holder. The kernel drops the flock when its process dies (even by kill -9), so a lock whose flock is
+  free on this host is stale and is taken over with a warning. A lock from another host (a restarted
+  container gets a new hostname) is taken over once its heartbeat has been silent for `STALE_AFTER`
+  seconds; until then it is refused. On filesystems without flock, the pid (same host) or the heartbeat
+  decides alone.
 - `check_resume`: a run folder is resumed only with the model it was trained with (compute settings
   aside). A mismatch is an error before anything in the folder is touched.
 - `adopt_checkpoint_files`: a run started from a converted checkpoint carries that checkpoint's tokenizer
@@ -15,22 +18,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import logging
 import os
 import pathlib
-import shutil
 import socket
+import threading
+import time
 
 from mellama_jax.config import COMPUTE_FIELDS, ModelConfig
 from mellama_jax.config_file import read_model_config
 from mellama_jax.data.tokenizer import TOKENIZER_FILES
 from mellama_jax.errors import UserError
+from mellama_jax.outdir import replace_file
 
 log = logging.getLogger(__name__)
 
 LOCK = "run.lock"
+HEARTBEAT, STALE_AFTER = 30.0, 300.0  # seconds
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # e.g. Lustre or GPFS mounted without it
 MODEL_CONFIG = "model_config.json"
 GENERATION_CONFIG = "generation_config.json"
 
@@ -51,33 +59,45 @@ class RunLock:
     """Held from `acquire()` to `release()`; `check()` tells another process of the same run that it is held."""
 
     def __init__(self, run_dir: pathlib.Path):
-        self.path, self.fd = pathlib.Path(run_dir) / LOCK, None
+        self.path, self.fd, self.beating = pathlib.Path(run_dir) / LOCK, None, threading.Event()
 
-    def acquire(self) -> None:
+    def _open_locked(self) -> tuple[int, bool]:
+        """The lock file, opened and flocked (False: this filesystem has no flock)."""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _holder(os.read(fd, 4096).decode(errors="replace"))
+                holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
                 os.close(fd)
                 raise UserError(
                     f"{self.path.parent}: another mellama train writes this run ({_describe(holder)})"
                 ) from None
+            except OSError as e:
+                if e.errno in _NO_FLOCK:
+                    return fd, False
+                os.close(fd)
+                raise
             try:  # the file may have been released and removed between our open and our flock: take a fresh one
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd, True
             except FileNotFoundError:
-                same = False
-            if same:
-                break
+                pass
             os.close(fd)
-        holder, host = _holder(os.read(fd, 4096).decode(errors="replace")), socket.gethostname()
-        if holder.get("host", host) != host:
+
+    def acquire(self) -> None:
+        fd, flocked = self._open_locked()
+        holder, host = _holder(os.pread(fd, 4096, 0).decode(errors="replace")), socket.gethostname()
+        silent = time.time() - os.fstat(fd).st_mtime
+        if holder.get("host", host) != host and silent < STALE_AFTER:
             os.close(fd)
             raise UserError(
-                f"{self.path}: held by {_describe(holder)}; it cannot be checked from {host}."
-                " If that run has ended, delete the lock file"
+                f"{self.path}: held by {_describe(holder)}, alive {silent:.0f} s ago; if that run has ended,"
+                f" delete the file or retry after {STALE_AFTER:.0f} s of silence"
             )
+        if holder.get("host") == host and not flocked and _alive(holder.get("pid")):
+            os.close(fd)
+            raise UserError(f"{self.path.parent}: another mellama train writes this run ({_describe(holder)})")
         if holder:
             log.warning("%s: taking over a stale lock (%s, which is gone)", self.path, _describe(holder))
         mine = {"host": host, "pid": os.getpid(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -85,10 +105,17 @@ class RunLock:
         os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
         os.fsync(fd)
         self.fd = fd
+        threading.Thread(target=self._beat, daemon=True, name="run.lock heartbeat").start()
+
+    def _beat(self) -> None:
+        while not self.beating.wait(HEARTBEAT):
+            with contextlib.suppress(OSError):
+                os.utime(self.fd)
 
     def release(self) -> None:
         if self.fd is None:
             return
+        self.beating.set()
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
                 self.path.unlink()
@@ -101,6 +128,18 @@ class RunLock:
             raise UserError(
                 f"{self.path}: process 0's lock is not visible here; run_dir must be on a shared filesystem"
             )
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def check_run_dir(run_dir: pathlib.Path) -> None:
@@ -137,14 +176,11 @@ def check_resume(run_dir: pathlib.Path, model: ModelConfig) -> None:
 
 
 def write_json(path: pathlib.Path, content: dict) -> None:
-    """Written beside and renamed into place: a kill never leaves half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(partial, path)
+    replace_file(path, (json.dumps(content, indent=2) + "\n").encode())
 
 
 def adopt_checkpoint_files(init_from: pathlib.Path, run_dir: pathlib.Path) -> None:
     """Copies init_from's tokenizer files and generation settings into the run (exports carry them)."""
     for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
-        if (init_from / name).is_file() and not (run_dir / name).exists():
-            shutil.copy2(init_from / name, run_dir / name)
+        if (init_from / name).is_file():
+            replace_file(run_dir / name, (init_from / name).read_bytes())

@@ -292,6 +292,86 @@ def test_a_killed_prepare_takes_its_workers_along_and_the_next_run_removes_its_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out", "small.jsonl"]
 
 
+def _big_corpus(folder: pathlib.Path, files: int, copies: int) -> list[pathlib.Path]:
+    """`files` JSONL files of `copies` x 1000 notes (30 copies: about a second of tokenizing each)."""
+    folder.mkdir()
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in notes(1000, 0))
+    for i in range(files):
+        (folder / f"notes-{i}.jsonl").write_text(lines * copies)
+    return sorted(folder.iterdir())
+
+
+def test_a_bad_file_stops_prepare_at_once_without_waiting_for_the_other_workers(tmp_path, tokenizer, capsys):
+    big = _big_corpus(tmp_path / "big", files=3, copies=25)
+    bad = write_jsonl(tmp_path / "bad.jsonl", notes(5, 0))
+    bad.write_text(bad.read_text() + '{"text": "unterminated\n')  # line 6; first in the job list, so it fails first
+    start = time.monotonic()
+    assert main(["prepare", str(tmp_path / "big"), "--tokenizer", tokenizer, "--out", str(tmp_path / "good"),
+                 "--workers", "2"]) == 0  # fmt: skip
+    whole = time.monotonic() - start
+    capsys.readouterr()
+    start = time.monotonic()
+    assert main(["prepare", str(bad), *map(str, big), "--tokenizer", tokenizer, "--out", str(tmp_path / "out"),
+                 "--workers", "2"]) == 2  # fmt: skip
+    failing = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mellama prepare: error: {bad}:6: invalid JSON")
+    assert failing < whole / 2, f"the failing run took {failing:.1f}s, tokenizing the big files {whole:.1f}s"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def _is_worker(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return b"spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()  # not the resource tracker
+    return False
+
+
+def _open_shard(pid: int) -> str | None:
+    """The name of the shard process `pid` has open for writing, if any."""
+    with contextlib.suppress(OSError):  # it has ended
+        for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if ".partial-" in target and target.endswith(".array_record"):
+                    return pathlib.Path(target).name
+    return None
+
+
+def test_a_worker_killed_mid_run_is_one_line_naming_its_file_and_leaves_nothing(tmp_path, tokenizer):
+    if not pathlib.Path("/proc/self/stat").is_file():
+        pytest.skip("finding a process's workers needs /proc (Linux)")
+    files = _big_corpus(tmp_path / "big", files=4, copies=30)
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(mellama_jax.__file__).parents[1])}
+    argv = [sys.executable, "-m", "mellama_jax.cli", "prepare", str(tmp_path / "big"), "--tokenizer", tokenizer,
+            "--out", str(tmp_path / "out"), "--workers", "2"]  # fmt: skip
+    run, shard, workers = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, text=True), None, []
+    try:
+        deadline = time.monotonic() + 120
+        while shard is None:  # stop a worker, see which shard it writes, and kill it there (OOM-killer style)
+            assert run.poll() is None and time.monotonic() < deadline, "prepare ended before a worker was killed"
+            workers = [pid for pid in _children(run.pid) if _is_worker(pid)]
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):  # it has ended
+                    os.kill(pid, signal.SIGSTOP)
+                    shard = _open_shard(pid)
+                    os.kill(pid, signal.SIGKILL if shard else signal.SIGCONT)
+                if shard:
+                    break
+            time.sleep(0.02)
+        err = run.communicate(timeout=60)[1]
+    finally:
+        if run.poll() is None:  # its workers go with it
+            run.kill()
+            run.wait()
+    source = files[int(shard.removeprefix("shard-").removesuffix(".array_record"))]
+    assert run.returncode == 2, err
+    assert err.strip().splitlines() == [
+        f"mellama prepare: error: {source}: the worker tokenizing this file died (killed by SIGKILL, out of memory?)"
+    ]
+    assert not [w for w in workers if _running(w)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
 def test_without_prctl_a_worker_watches_for_its_parent_to_end():
     worker = (
         "import os, time\nfrom mellama_jax.data.prepare import _die_with\n"

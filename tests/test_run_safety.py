@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mellama_jax.cli import main
+from mellama_jax.run_dir import STALE_AFTER, RunLock
 
 CONFIG = """
 model: {preset: tiny, vocab_size: 256, d_model: 32, n_heads: 4, n_kv_heads: 2, head_dim: 8, ffn_dim: 64}
@@ -43,7 +44,9 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("change", ["model.n_layers=3", "model.ffn_dim=128", "model.d_model=48"])
+@pytest.mark.parametrize(
+    "change", ["model.n_layers=3", "model.ffn_dim=128", "model.d_model=48", "model.rope_theta=500000"]
+)
 def test_resuming_with_another_model_is_refused_and_the_run_is_untouched(tmp_path, capsys, change):
     assert train(tmp_path, capsys)[0] == 0
     before = snapshot(tmp_path / "run")
@@ -107,16 +110,16 @@ def steps_saved(tmp_path) -> list[int]:
 
 
 def test_a_second_writer_is_refused_and_the_first_finishes_cleanly(tmp_path, capsys):
-    first = start(tmp_path, "steps=40")
+    first = start(tmp_path, "steps=100")  # long enough to be running still when the second one starts
     wait_for(lambda: (tmp_path / "run" / "loss.png").is_file(), first, "loss.png")
-    assert first.poll() is None and max(steps_saved(tmp_path)) < 40  # drawn at a checkpoint, not only at the end
+    assert first.poll() is None and max(steps_saved(tmp_path)) < 100  # drawn at a checkpoint, not only at the end
     code, err = train(tmp_path, capsys, "steps=40")
     assert code == 2
     assert f"another mellama train writes this run (pid {first.pid} on {socket.gethostname()}" in error_line(err)
     _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, 101))
     assert "tensorboard --logdir" in first_err and "mfu" not in first_err  # no peak FLOPs known on CPU
     assert not (tmp_path / "run" / "run.lock").exists()  # released at the end
 
@@ -132,12 +135,30 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, capsys):
     assert f"taking over a stale lock (pid {process.pid} on {socket.gethostname()}" in err
 
 
-def test_a_lock_from_another_host_is_refused(tmp_path, capsys):
+def test_a_lock_from_another_host_is_refused_until_its_heartbeat_stops(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     holder = {"host": "gpu-node-17", "pid": 4242, "started": "2026-11-20T08:00:00"}
-    (tmp_path / "run" / "run.lock").write_text(json.dumps(holder))
+    lock = tmp_path / "run" / "run.lock"
+    lock.write_text(json.dumps(holder))
     code, err = train(tmp_path, capsys)
     assert code == 2 and "held by pid 4242 on gpu-node-17, started 2026-11-20T08:00:00" in error_line(err)
+    silent = time.time() - STALE_AFTER - 1
+    os.utime(lock, (silent, silent))  # a restarted container has a new hostname: the old lock goes quiet
+    code, err = train(tmp_path, capsys)
+    assert code == 0 and "taking over a stale lock (pid 4242 on gpu-node-17" in err
+
+
+def test_the_lock_holder_keeps_its_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr("mellama_jax.run_dir.HEARTBEAT", 0.05)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    try:
+        first = (tmp_path / "run.lock").stat().st_mtime_ns
+        time.sleep(0.3)
+        assert (tmp_path / "run.lock").stat().st_mtime_ns > first
+    finally:
+        lock.release()
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_a_torn_metrics_line_is_dropped_and_the_history_kept(tmp_path, capsys):
@@ -195,15 +216,39 @@ def test_a_missing_init_from_is_refused_before_run_dir_is_made(tmp_path, capsys)
     assert code == 2 and "override \"run_dir=''\": run_dir must name a folder" in error_line(err)
 
 
-@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.5])
 def test_a_kill_9_early_in_a_resumed_run_keeps_the_history_whole(tmp_path, capsys, delay):
     assert train(tmp_path, capsys)[0] == 0
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     process = start(tmp_path, "steps=40")
-    time.sleep(delay)  # somewhere in start-up: restore, the metrics rewrite, compilation, the first steps
+    wait_for(lambda: (tmp_path / "run" / "run.lock").is_file(), process, "the run's lock")
+    time.sleep(delay)  # after the lock: restore, the metrics rewrite, compilation, the first steps
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     after = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert after.startswith(before)  # nothing of the checkpointed history is lost
     steps = [json.loads(line)["step"] for line in after.splitlines()]
     assert steps == list(range(1, len(steps) + 1))  # and no gap
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved_aside(tmp_path, capsys):
+    assert train(tmp_path, capsys)[0] == 0
+    for state in (tmp_path / "run" / "checkpoints").glob("*/state"):  # every step, as a machine fault would
+        for f in (f for f in state.rglob("*") if "ocdbt.process" in str(f) and f.is_file()):
+            f.write_bytes(b"\0" * f.stat().st_size)
+    before = snapshot(tmp_path / "run")
+    code, err = train(tmp_path, capsys, "steps=6")
+    assert code == 2 and "no checkpoint restores (step 4: " in error_line(err) and "nothing was moved aside" in err
+    assert snapshot(tmp_path / "run") == before  # the history is not wiped by a fresh start
+
+
+def test_a_zero_filled_tail_of_the_event_file_is_cut_before_appending(tmp_path, capsys):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    assert train(tmp_path, capsys)[0] == 0
+    (file,) = (tmp_path / "run" / "tensorboard").iterdir()
+    with open(file, "ab") as f:
+        f.write(b"\0" * 64)  # what a power loss can leave: parses as records of length 0, with wrong CRCs
+    assert train(tmp_path, capsys, "steps=6")[0] == 0
+    reader = event_accumulator.EventAccumulator(str(file))
+    reader.Reload()
+    assert [s.step for s in reader.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

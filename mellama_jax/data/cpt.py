@@ -168,7 +168,9 @@ def mixture_tokens(cfg: TrainConfig) -> int | None:
     """Tokens (BOS and EOS included) the data yields before it ends, from prepared manifests' exact counts;
     None when the data does not end (no epochs or budget) or its size is unknown (raw sources)."""
     d = cfg.data
-    if d.kind != "cpt" or not d.epochs:
+    if d.kind != "cpt":
+        return None
+    if not d.epochs:
         return d.token_budget or None
     if any(s.format != "prepared" for s in d.sources):
         return d.token_budget or None  # raw sources are tokenized on the fly: their size is unknown

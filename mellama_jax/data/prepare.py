@@ -2,7 +2,9 @@
 
 Each input file becomes one shard (`shard-00000.array_record`, ...) of records holding one document's
 token ids as little-endian int32, without BOS/EOS (the packer adds them). Files are tokenized in
-parallel worker processes, which end with the process that started them, even a killed one.
+parallel worker processes, which end with the process that started them, even a killed one. The first
+failure ends them all at once: a worker's error (a malformed line, a full disk) is raised as it comes,
+and a worker that dies (out of memory) is one line naming the file it was tokenizing.
 `manifest.json` records the tokenizer (vocabulary size, BOS/EOS, file hash) and the document and token
 counts of every input file and shard, so mixture weights and epoch sizes are exact before training reads
 a byte. The output appears only when complete (outdir.staged_output). Opening a prepared folder checks it
@@ -12,17 +14,20 @@ shard the manifest does not list.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import ctypes
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import pathlib
+import pickle
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,11 +48,11 @@ _worker_tokenizer: Tokenizer | None = None
 
 
 def _die_with(parent: int, linux: bool = sys.platform == "linux") -> None:
-    """Ends this worker when `parent` ends, even by kill -9: an orphan would tokenize on, or wait forever
-    for work (each worker holds the task queue's write end too, so it never sees end-of-file)."""
+    """Ends this worker when `parent` ends, even by kill -9: an orphan would tokenize on, into a folder
+    nobody will use."""
     armed = False
     if linux:
-        # the signal comes when the thread that started us ends: prepare's, which outlives the pool
+        # the signal comes when the thread that started us ends: prepare's, which outlives its workers
         libc = ctypes.CDLL(None, use_errno=True)
         armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
     if os.getppid() != parent:  # it ended before we were armed
@@ -62,10 +67,28 @@ def _watch(parent: int) -> None:
     os._exit(1)
 
 
-def _start_worker(tokenizer_path: str, parent: int) -> None:
+class _InWorker(Exception):
+    """A worker's traceback, as the cause of the error it raised (shown with MELLAMA_DEBUG=1)."""
+
+
+def _work(conn: multiprocessing.connection.Connection, tokenizer_path: str, parent: int) -> None:
+    """A worker: tokenizes the files `conn` sends, until None, answering each with its counts or error."""
     global _worker_tokenizer
     _die_with(parent)
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends its workers
+    with contextlib.suppress(EOFError, ConnectionError):  # the parent has ended
+        while (job := conn.recv()) is not None:
+            try:
+                if _worker_tokenizer is None:
+                    _worker_tokenizer = load_tokenizer(tokenizer_path)
+                conn.send((True, _tokenize_file(*job), ""))
+            except BaseException as e:
+                where = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+                try:
+                    error = pickle.loads(pickle.dumps(e))  # what crosses the pipe must unpickle there too
+                except Exception:
+                    error = RuntimeError(f"{type(e).__name__}: {e}")
+                conn.send((False, error, where))
 
 
 def _tokenize_file(path: str, fmt: str, field: str, on_error: str, shard: str) -> dict:
@@ -102,21 +125,8 @@ def prepare(
     workers = workers or min(len(files), multiprocessing.cpu_count())
     with staged_output(out_dir, overwrite, inputs=files) as staging:
         shards = [staging / f"shard-{i:05d}.array_record" for i in range(len(files))]
-        spawn = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax threads
-        start = (str(tokenizer_path), os.getpid())
-        with concurrent.futures.ProcessPoolExecutor(workers, spawn, _start_worker, start) as pool:
-            jobs = [
-                pool.submit(_tokenize_file, str(f), fmt, field, on_error, str(s))
-                for f, s in zip(files, shards, strict=True)
-            ]
-            done = concurrent.futures.as_completed(jobs)
-            try:  # a worker's error (a UserError, a full disk) is raised as soon as it comes; the rest is dropped
-                for job in tqdm.tqdm(done, total=len(jobs), unit="file", desc="prepare", disable=None):
-                    job.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            counts = [job.result() for job in jobs]
+        jobs = [(str(f), fmt, field, on_error, str(s)) for f, s in zip(files, shards, strict=True)]
+        counts = _tokenize_all(jobs, str(tokenizer_path), workers)
         manifest = {
             "kind": KIND,
             "tokenizer": {
@@ -135,6 +145,70 @@ def prepare(
             raise UserError(f"{', '.join(patterns)}: no documents to prepare")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _tokenize_all(jobs: list[tuple], tokenizer_path: str, workers: int) -> list[dict]:
+    """`_tokenize_file(*job)` of every job, in `workers` processes. The first failure ends every worker at
+    once, before the staging folder they write into is removed: a worker's error is raised, a worker's
+    death is a UserError naming the file it was tokenizing. (concurrent.futures cannot end running jobs
+    before Python 3.14, nor say which job a dead worker held; multiprocessing.Pool waits forever for it.)"""
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax threads
+    counts: list[dict] = [{} for _ in jobs]
+    todo, procs, busy = iter(range(len(jobs))), {}, {}  # busy: connection -> index of the job its worker holds
+
+    def give(conn: multiprocessing.connection.Connection) -> None:
+        i = next(todo, None)
+        with contextlib.suppress(OSError):  # a dead worker: its end-of-file says so
+            conn.send(None if i is None else jobs[i])
+        if i is not None:
+            busy[conn] = i
+
+    try:
+        for _ in range(min(workers, len(jobs))):
+            conn, theirs = spawn.Pipe()
+            procs[conn] = spawn.Process(target=_work, args=(theirs, tokenizer_path, os.getpid()), daemon=True)
+            procs[conn].start()  # from this thread, which outlives the workers (see _die_with)
+            theirs.close()
+        with tqdm.tqdm(total=len(jobs), unit="file", desc="prepare", disable=None) as bar:
+            for conn in procs:
+                give(conn)
+            while busy:
+                for conn in multiprocessing.connection.wait(list(busy)):
+                    i = busy.pop(conn)
+                    try:
+                        ok, result, where = conn.recv()
+                    except (EOFError, OSError):
+                        raise _died(procs[conn], jobs[i][0]) from None
+                    if not ok:
+                        raise result from _InWorker(where)
+                    counts[i] = result
+                    bar.update()
+                    give(conn)
+    except BaseException:
+        for proc in procs.values():
+            proc.terminate()
+        raise
+    finally:
+        for proc in procs.values():
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return counts
+
+
+def _died(proc: multiprocessing.process.BaseProcess, path: str) -> UserError:
+    proc.join(10)  # its pipe closes as it ends; the exit status follows
+    code = proc.exitcode
+    if code is not None and code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+        how += ", out of memory?" if -code == signal.SIGKILL else ""
+    else:
+        how = f"exit status {code}" if code is not None else "it closed its pipe"
+    return UserError(f"{path}: the worker tokenizing this file died ({how})")
 
 
 class PreparedDocuments:
