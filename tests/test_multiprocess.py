@@ -198,3 +198,25 @@ def test_two_processes_fall_back_together_from_a_damaged_checkpoint(tmp_path):
     resumed = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     same = lambda rows: [(r["step"], r["loss"], r["grad_norm"]) for r in rows]  # noqa: E731
     assert same(resumed) == same(straight)  # both processes went back to step 2 and redid 3 and 4 alike
+
+
+def test_a_bad_record_in_one_process_shard_stops_both_processes(tmp_path, shared_data):
+    good = json.dumps({"text": " ".join(["patient reports chest pain after exercise"] * 30)})
+    (tmp_path / "notes.jsonl").write_text(good + "\n" + '{"text": "cut off\n')  # one document each; one is bad
+    tokenizer = shared_data / "llama2_tokenizer.model"
+    (tmp_path / "run.yaml").write_text(
+        CONFIG.replace("vocab_size: 256", "vocab_size: 32000")
+        + f"data: {{kind: cpt, tokenizer: {tokenizer},"
+        + f" sources: [{{name: notes, paths: [{tmp_path / 'notes.jsonl'}]}}]}}\n"
+    )
+    joined = [f"distributed.coordinator=127.0.0.1:{free_port()}", "distributed.num_processes=2"]
+    processes = [launch(tmp_path, "run", 2, *joined, f"distributed.process_id={i}") for i in range(2)]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+    except subprocess.TimeoutExpired:
+        for p in processes:
+            p.kill()
+        pytest.fail("one process waits forever for the other")
+    assert [p.returncode for p in processes] == [2, 2]
+    assert any("notes.jsonl:2: invalid JSON" in err for err in errors)
+    assert any("another process stopped the run" in err for err in errors)
