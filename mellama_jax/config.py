@@ -11,9 +11,10 @@ from mellama_jax.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("auto", "xla", "flash", "cudnn")  # see attention.py
 # ModelConfig fields that change how the model is computed or initialised, not the function its weights compute:
 # a run may set them freely over a checkpoint's model_config.json.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "init_std")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "init_std", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights
     remat: str = "full"  # one of REMAT_POLICIES
+    attention: str = "auto"  # one of ATTENTION: auto = flash on GPU, xla elsewhere
 
     def __post_init__(self):
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len")
@@ -52,6 +54,8 @@ class ModelConfig:
             raise UserError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION:
+            raise UserError(f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")

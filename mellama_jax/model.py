@@ -6,7 +6,8 @@ Dimension letters, used in every einsum and shape comment:
 
 Parameters are stored in einsum shapes (q is [D, N, H], not HF's flattened [N*H, D]) and carry logical
 axis names only; `sharding.py` maps those names to mesh axes. RoPE keeps HF's rotate-half layout, so
-converted HF weights need no q/k permutation.
+converted HF weights need no q/k permutation. Attention's kernels (xla reference, flash, cudnn) live in
+`attention.py`; `model.attention` picks one, and the layers receive it as one function.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mellama_jax import attention
 from mellama_jax.config import ModelConfig
 from mellama_jax.sharding import constrain
 
@@ -47,6 +49,13 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: Any = None) -> j
     return flat.reshape(*x.shape[: x.ndim - n_in], *outs)
 
 
+def cast(w: nnx.Param, dtype: Any) -> jax.Array:
+    """The parameter in the compute dtype, converted where its shards lie: an FSDP gather then moves bf16, not fp32."""
+    value = w[...]
+    names = w.get_metadata()["out_sharding"][-value.ndim :]  # inside the layer scan a slice has no "layers" axis
+    return constrain(value.astype(dtype), names)
+
+
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], names: tuple[str, ...]) -> nnx.Param:
     init = jax.nn.initializers.normal(cfg.init_std)
     # Logical names only: the sharded init in train.py turns them into placements (no eager sharding here).
@@ -62,7 +71,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+        return normed.astype(x.dtype) * cast(self.scale, x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -75,35 +84,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
-def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
-    """[B, T, S] bool: query t (at slot q_offset + t) sees key s iff s <= that slot and both share a segment.
-
-    Causality is by slot, not by position, so documents packed into one row (positions restarting at 0)
-    are kept apart by their segment ids alone.
-    """
-    q_slot = q_offset + jnp.arange(q_segments.shape[1])  # [T]
-    causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_slot[:, None]  # [T, S]
-    same_segment = q_segments[:, :, None] == kv_segments[:, None, :]  # [B, T, S]
-    return causal[None] & same_segment
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention, scores in fp32: q [B, T, N, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
-
-    Query head n uses kv head n // G. The G query heads and T queries of a kv head are one [G*T, H]
-    matrix, so both products are plain batched matmuls over (B, K).
-    """
-    b, t, n, h = q.shape
-    kv_heads, g = k.shape[2], n // k.shape[2]
-    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)  # [B, K, G*T, H]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    scores = jnp.einsum("BKMH,BKSH->BKMS", q, k, preferred_element_type=jnp.float32).reshape(b, kv_heads, g, t, -1)
-    scores = jnp.where(mask[:, None, None], scores * h**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kv_heads, g * t, -1)
-    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v).reshape(b, kv_heads, g, t, h)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -119,20 +99,20 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T]
-        mask: jax.Array,  # [B, T, S]
+        attend: attention.Attend,  # (q, k, v) -> [B, T, N, H], as model.attention chose
         kv: tuple[jax.Array, jax.Array] | None = None,  # cached ([B, S, K, H], [B, S, K, H])
         index: jax.Array | int = 0,  # slot of x's first token in the cache
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         dt = x.dtype
-        q = constrain(dense(x, self.q[...].astype(dt)), HEADS)  # [B, T, N, H]
-        k = constrain(dense(x, self.k[...].astype(dt)), KV_HEADS)  # [B, T, K, H]
-        v = constrain(dense(x, self.v[...].astype(dt)), KV_HEADS)
+        q = constrain(dense(x, cast(self.q, dt)), HEADS)  # [B, T, N, H]
+        k = constrain(dense(x, cast(self.k, dt)), KV_HEADS)  # [B, T, K, H]
+        v = constrain(dense(x, cast(self.v, dt)), KV_HEADS)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv = (k, v)
-        return dense(attend(q, k.astype(dt), v.astype(dt), mask), self.o[...].astype(dt), n_in=2), kv
+        return dense(attend(q, k.astype(dt), v.astype(dt)), cast(self.o, dt), n_in=2), kv
 
 
 class MLP(nnx.Module):
@@ -144,9 +124,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         dt = x.dtype
-        gate = jax.nn.silu(constrain(dense(x, self.gate[...].astype(dt)), HIDDEN))  # [B, T, F]
-        up = constrain(dense(x, self.up[...].astype(dt)), HIDDEN)
-        return dense(gate * up, self.down[...].astype(dt))
+        gate = jax.nn.silu(constrain(dense(x, cast(self.gate, dt)), HIDDEN))  # [B, T, F]
+        up = constrain(dense(x, cast(self.up, dt)), HIDDEN)
+        return dense(gate * up, cast(self.down, dt))
 
 
 class Block(nnx.Module):
@@ -156,8 +136,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv=None, index=0):
-        h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
+    def __call__(self, x, positions, attend, kv=None, index=0):
+        h, kv = self.attn(self.attn_norm(x), positions, attend, kv, index)
         x = constrain(x + h, RESIDUAL)
         return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL), kv
 
@@ -186,32 +166,33 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, Cache | None]:
         """Returns fp32 logits [B, T, V] and, when decoding, the cache advanced by T slots."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(tokens)
-        table = constrain(self.embed[...], ("vocab", "act_embed"))  # gathered whole over fsdp, as FSDP does
-        x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)  # [B, T, D]
+        table = constrain(cast(self.embed, dt), ("vocab", "act_embed"))  # gathered whole over fsdp, as FSDP does
+        x = constrain(jnp.take(table, tokens, axis=0), RESIDUAL)  # [B, T, D]
 
         if cache is None:
             index, kv_in = 0, None
-            mask = attention_mask(segment_ids, segment_ids)
+            attend = attention.self_attention(cfg.attention, segment_ids)
         else:
+            segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
             index, kv_in = cache["index"], (cache["k"], cache["v"])
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)
-            mask = attention_mask(segment_ids, kv_segments, index)
+            attend = attention.cached(segment_ids, kv_segments, index)
 
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer(x, xs):
             block = nnx.merge(graphdef, xs[0])
-            return block(x, positions, mask, xs[1], index)
+            return block(x, positions, attend, xs[1], index)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat])
         x, kv_out = jax.lax.scan(layer, x, (layer_state, kv_in))
 
         x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # [D, V]
-        logits = constrain(dense(x, head.astype(dt), out_dtype=jnp.float32), LOGITS)
+        head = cast(self.embed, dt).T if self.lm_head is None else cast(self.lm_head, dt)  # [D, V]
+        # Gathered in bf16 here: left to the partitioner, the backward's fp32 product gathers an fp32 copy.
+        head = constrain(head, ("act_embed", "vocab"))
+        logits = constrain(dense(x, head, out_dtype=jnp.float32), LOGITS)
         if cache is not None:
             k, v = kv_out
             cache = {"k": k, "v": v, "segment_ids": kv_segments, "index": index + tokens.shape[1]}

@@ -73,6 +73,11 @@ def activation_mesh(mesh: Mesh) -> Iterator[None]:
         _ACTIVATION_MESH.reset(token)
 
 
+def current_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_mesh`, or None; kernels XLA cannot partition run per shard on it."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pins an activation's layout by logical names inside `activation_mesh`; a no-op outside one.
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mellama_jax.attention import attention_mask
 from mellama_jax.config import ModelConfig
-from mellama_jax.model import Llama, RMSNorm, abstract_model, attention_mask, init_cache, rope
+from mellama_jax.model import Llama, RMSNorm, abstract_model, init_cache, rope
 
 CFG = ModelConfig.tiny(vocab_size=256, init_std=0.1)
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers"}
@@ -193,3 +194,16 @@ def test_bf16_compute_stays_close_to_fp32(model):
     rel = jnp.linalg.norm(bf16_logits - fp32_logits) / jnp.linalg.norm(fp32_logits)
     assert rel < 8 * 2**-8, float(rel)
     assert float(jnp.mean(bf16_logits.argmax(-1) == fp32_logits.argmax(-1))) > 0.9
+
+
+def test_attention_choice_is_one_field_and_decoding_keeps_xla(model):
+    flash = nnx.merge(
+        nnx.graphdef(Llama(dataclasses.replace(CFG, attention="flash"), rngs=nnx.Rngs(0))), nnx.state(model)
+    )
+    tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, CFG.vocab_size)
+    positions = arange_positions(2, 8)
+    whole = jax.make_jaxpr(lambda t: flash(t, positions)[0])(tokens)
+    decode = jax.make_jaxpr(lambda t: flash(t, positions, cache=init_cache(CFG, batch=2, max_len=8))[0])(tokens)
+    assert "pallas_call" in primitives(whole.jaxpr)
+    assert "pallas_call" not in primitives(decode.jaxpr)  # a KV cache is read by the xla path
+    np.testing.assert_allclose(flash(tokens, positions)[0], model(tokens, positions)[0], atol=1e-5, rtol=0)
