@@ -68,6 +68,9 @@ def _train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
+    from mellama_jax import gpu_flags
+
+    gpu_note = gpu_flags.apply()  # before jax starts its backend: XLA reads XLA_FLAGS only then
     import jax
 
     from mellama_jax.distributed import initialize
@@ -76,6 +79,8 @@ def _train(args: argparse.Namespace) -> None:
     initialize(cfg.distributed)
     if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
         logging.getLogger("mellama_jax").setLevel(logging.WARNING)
+    if gpu_note:
+        logging.getLogger("mellama_jax").info(gpu_note)
     rows = train(cfg)
     if rows and jax.process_index() == 0:
         run = pathlib.Path(cfg.run_dir)
