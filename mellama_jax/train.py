@@ -167,4 +167,9 @@ def compile_step(cfg: TrainConfig, mesh: Mesh) -> Callable[[TrainState, dict], t
         with activation_mesh(mesh):  # traced here: the model's activations are pinned onto the mesh
             return step(state, batch)
 
+    def lower(state, batch):  # ShapeDtypeStructs in: compiled and measured, never run (plan, benchmarks)
+        with activation_mesh(mesh):
+            return step.lower(state, batch)
+
+    on_mesh.lower = lower
     return on_mesh
