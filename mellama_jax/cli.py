@@ -22,17 +22,19 @@ _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 
 def _plan(args: argparse.Namespace) -> None:
+    # Planning never runs on a device: jax stays on the CPU even where GPUs or TPUs are (or their plugins are).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # XLA's own warnings while compiling for a target (e.g. that rematerialisation cannot reach its memory goal)
+    # repeat what the report says, in its terms.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from mellama_jax.config_file import load_config
-    from mellama_jax.plan import plan
+    from mellama_jax.plan_report import report
 
-    if args.devices < 1:
-        raise UserError(f"--devices must be at least 1, got {args.devices}")
     cfg = load_config(args.config, args.overrides)
-    rows = plan(cfg, args.devices)
-    width = max(len(what) for what, _ in rows)
-    print(f"plan for {args.config or 'the defaults (Me-LLaMA 13B CPT)'} on {args.devices} device(s):")
-    for what, amount in rows:
-        print(f"  {what:<{width}}  {amount}")
+    lines = report(cfg, args.devices, args.device_kind, args.search, args.mfu)
+    kind = f" x {args.device_kind}" if args.device_kind else " device(s)"
+    print(f"plan for {args.config or 'the defaults (Me-LLaMA 13B CPT)'} on {args.devices}{kind}:")
+    print("\n".join(lines))
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -134,12 +136,17 @@ def _add_convert(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mellama_jax.devices import KINDS  # a table: no jax imported
+
     parser = argparse.ArgumentParser(prog="mellama", description="Me-LLaMA training system in JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="parameters, FLOPs and memory per device before launch")
     plan.add_argument("--config", help="YAML holding only differences from the defaults")
     plan.add_argument("--devices", type=int, default=1, help="devices the run is sharded over (default 1)")
+    plan.add_argument("--device-kind", choices=tuple(KINDS), help="compile the step for these devices (no GPU needed)")
+    plan.add_argument("--search", action="store_true", help="compile other meshes, micro-batches and remat; list fits")
+    plan.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation for step time (default 0.40)")
     plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     plan.set_defaults(run=_plan)
     _add_convert(commands)

@@ -30,16 +30,21 @@ FLAGS = {
     # gradient reduce-scatters overlap the matmuls instead of stalling them (off by default in XLA).
     "xla_gpu_enable_latency_hiding_scheduler": "true",
     # Combine the many small per-tensor collectives of a layer into few large ones: large NCCL messages use
-    # the links' bandwidth, small ones pay latency. At least one layer's weights (all-gather) or gradients
-    # (reduce-scatter) should fit; XLA's default is 256 bytes. The values of the MaxText Llama-2 example; tune
-    # them per model and interconnect (larger combines hold more memory at once).
-    "xla_gpu_all_gather_combine_threshold_bytes": str(GIB),
+    # the links' bandwidth, small ones pay latency. A layer's weights (all-gather) or gradients (reduce-scatter)
+    # should fit; XLA's default is 256 bytes. Larger combines hold more memory at once: 256 MiB kept the
+    # Me-LLaMA configs' compiled peaks within 0.2 GiB of XLA's defaults (BENCHMARKS.md), 1 GiB did not.
+    "xla_gpu_all_gather_combine_threshold_bytes": str(256 * MIB),
     "xla_gpu_reduce_scatter_combine_threshold_bytes": str(128 * MIB),
     # the data-parallel gradient all-reduce: large for bandwidth, yet small enough to overlap the backward pass
-    "xla_gpu_all_reduce_combine_threshold_bytes": str(GIB),
+    "xla_gpu_all_reduce_combine_threshold_bytes": str(256 * MIB),
     # Combine collectives even when they gather or scatter along different dimensions (more, larger combines).
     "xla_gpu_enable_all_gather_combine_by_dim": "false",
     "xla_gpu_enable_reduce_scatter_combine_by_dim": "false",
+}
+# More overlap for more memory, not applied by default: they cost 9 GiB per device on 70B at 4 sequences per
+# device (BENCHMARKS.md), so a config sized to the memory no longer fits. Add them where memory is to spare:
+# XLA_FLAGS="$(python -m mellama_jax.gpu_flags --pipelined)".
+PIPELINED = {
     # Pipeline the collectives of the scanned layers across loop iterations: the next layer's weights are
     # gathered (and the previous layer's gradients reduced) while this layer computes.
     "xla_gpu_enable_pipelined_all_gather": "true",
@@ -53,9 +58,10 @@ FLAGS = {
 CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")  # what `pip install jax[cuda12]` / [cuda13] installs
 
 
-def xla_flags() -> str:
-    """FLAGS as an `XLA_FLAGS` value."""
-    return " ".join(f"--{name}={value}" for name, value in FLAGS.items())
+def xla_flags(pipelined: bool = False) -> str:
+    """FLAGS (and PIPELINED, if asked) as an `XLA_FLAGS` value."""
+    flags = {**FLAGS, **(PIPELINED if pipelined else {})}
+    return " ".join(f"--{name}={value}" for name, value in flags.items())
 
 
 def _device_nodes() -> list[str]:
@@ -95,4 +101,6 @@ def apply(env: MutableMapping[str, str] = os.environ) -> str | None:
 
 
 if __name__ == "__main__":
-    print(xla_flags())
+    import sys
+
+    print(xla_flags(pipelined="--pipelined" in sys.argv[1:]))

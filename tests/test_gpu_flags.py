@@ -19,8 +19,10 @@ def test_the_flags_are_set_when_a_gpu_is_found(monkeypatch):
     note = gpu_flags.apply(env)
     assert env["XLA_FLAGS"] == gpu_flags.xla_flags() and note.startswith("NVIDIA GPUs: XLA_FLAGS=--xla_gpu_")
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"].split()
-    assert "--xla_gpu_all_gather_combine_threshold_bytes=1073741824" in env["XLA_FLAGS"].split()
-    assert len(env["XLA_FLAGS"].split()) == len(gpu_flags.FLAGS) == 10
+    assert "--xla_gpu_all_gather_combine_threshold_bytes=268435456" in env["XLA_FLAGS"].split()
+    assert len(env["XLA_FLAGS"].split()) == len(gpu_flags.FLAGS) == 6
+    assert "pipelined" not in env["XLA_FLAGS"]  # memory for overlap: the user's choice (gpu_flags.PIPELINED)
+    assert len(gpu_flags.xla_flags(pipelined=True).split()) == 10
 
 
 @pytest.mark.parametrize("users", ["--xla_dump_to=/tmp/hlo", ""])
@@ -75,7 +77,7 @@ def test_every_flag_is_known_to_this_xla():
     # XLA parses every flag in XLA_FLAGS when the first backend starts, CPU included, and aborts on one it does
     # not know; so a CPU run proves the names (the GPU compiler alone reads the values)
     run = "import jax, jax.numpy as jnp; print(jax.jit(lambda x: x * 2)(jnp.ones(3)).sum())"
-    ours = python(run, XLA_FLAGS=gpu_flags.xla_flags())
+    ours = python(run, XLA_FLAGS=gpu_flags.xla_flags(pipelined=True))
     assert ours.returncode == 0 and ours.stdout.strip() == "6.0", ours.stderr[-2000:]
     unknown = python(run, XLA_FLAGS=gpu_flags.xla_flags() + " --xla_gpu_enable_latency_hiding_schedule=true")
     assert unknown.returncode != 0 and "Unknown flag in XLA_FLAGS: --xla_gpu_enable_latency_hiding_schedule" in (

@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 
 RUN = "runs/me-llama-70b"
 # LLaMA-2's tokenizer on a 2-layer model; 4 rows of 32 tokens per step over 2 processes of one CPU device each
-TINY = ["model.preset=tiny", "seq_len=32", "global_batch=4", "micro_batches=1", "steps=auto", "checkpoint_every=4"]
+TINY = ["model.preset=tiny", "seq_len=32", "global_batch=4", "micro_batches=1", "steps=auto", "checkpoint_every=4",
+        "mesh.data=1", "mesh.fsdp=-1"]  # fmt: skip
 WORDS = ["patient", "presented", "with", "chest", "pain", "dyspnea", "troponin", "aspirin", "heparin", "discharged"]
 
 
