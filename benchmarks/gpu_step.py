@@ -127,7 +127,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(ours(args) if args.side == "ours" else torch_side(args)))
         return
-    from mellama_jax.loop import PEAK_TFLOPS
+    from mellama_jax.devices import RUNNING_PEAK_TFLOPS
 
     runs = {"ours": [], "torch": []}
     for _ in range(args.rounds):
@@ -140,7 +140,7 @@ def main() -> None:
     for side, results in runs.items():
         first, median = results[0], statistics.median(t for r in results for t in r["times"])
         rate[side] = first["tokens"] / median / first["devices"]
-        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in first["kind"]), 0.0)
+        peak = args.peak_tflops or next((v for k, v in RUNNING_PEAK_TFLOPS.items() if k in first["kind"]), 0.0)
         mfu = f"{flops * rate[side] / (peak * 1e12):.1%}" if peak else "peak unknown"
         print(f"| {side} | {first['devices']} | {first['kind']} | {median:.3f} | {rate[side]:.0f} | {mfu} |")
     print(f"ratio ours / torch (tokens/s per device): {rate['ours'] / rate['torch']:.2f}x")

@@ -68,17 +68,23 @@ def _origin(message: str, given: dict[str, str], path: str | None) -> str:
     return path or "command line"
 
 
-def read_model_config(path: pathlib.Path) -> ModelConfig:
-    """A `model_config.json` as we write it: ModelConfig's fields (compute settings may be absent), each of its
-    declared JSON type."""
+def read_json_object(path: pathlib.Path) -> dict:
+    """A JSON file holding an object (every config file we read does); anything else is a one-line error."""
     try:
-        raw = json.loads(pathlib.Path(path).read_text())
+        value = json.loads(pathlib.Path(path).read_text())
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object, got a {type(raw).__name__}")
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def read_model_config(path: pathlib.Path) -> ModelConfig:
+    """A `model_config.json` as we write it: ModelConfig's fields (compute settings may be absent), each of its
+    declared JSON type."""
+    raw = read_json_object(path)
     kinds = typing.get_type_hints(ModelConfig)
     unknown = sorted(set(raw) - set(kinds))
     if unknown:

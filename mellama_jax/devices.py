@@ -205,6 +205,15 @@ def compile_only_devices(kind: DeviceKind, devices: int) -> list:
         raise UserError(f"{kind.name}: cannot make {devices} compile-only devices: {first}") from None
 
 
+# The name in a running device's `device_kind` ("NVIDIA A100-SXM4-80GB") -> its dense bf16 peak, for MFU.
+# The H200 is an H100 with more memory: the same peak.
+RUNNING_PEAK_TFLOPS = {
+    "A100": KINDS["a100-80g"].peak_tflops,
+    "H100": KINDS["h100-80g"].peak_tflops,
+    "H200": KINDS["h100-80g"].peak_tflops,
+}
+
+
 def peak_flops(kind: DeviceKind, override_tflops: float = 0.0) -> float:
     """Dense bf16 FLOP/s of one device (`peak_tflops` in the config wins)."""
     return (override_tflops or kind.peak_tflops) * 1e12

@@ -24,7 +24,7 @@ from flax import nnx
 
 from mellama_jax.checkpoint import Stacked, find_params, save_params, stored_arrays
 from mellama_jax.config import DTYPES, ModelConfig
-from mellama_jax.config_file import read_model_config
+from mellama_jax.config_file import read_json_object, read_model_config
 from mellama_jax.data.tokenizer import (
     TOKENIZER_MODEL_FILES,
     SentencePieceTokenizer,
@@ -231,19 +231,6 @@ def export_hf(
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _read_json(path: pathlib.Path) -> dict:
-    """A JSON file holding an object (every config file here does)."""
-    try:
-        value = json.loads(path.read_text())
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object, got a {type(value).__name__}")
-    return value
-
-
 def _tokenizer_of(folder: pathlib.Path, cfg: ModelConfig) -> Tokenizer | None:
     """The folder's tokenizer, checked against the model's vocabulary; None (with a warning) if it has none."""
     if not any((folder / name).is_file() for name in TOKENIZER_MODEL_FILES):
@@ -264,7 +251,7 @@ def _copy_along(tokenizer: Tokenizer | None, out_dir: pathlib.Path, for_transfor
             shutil.copy2(file, out_dir / file.name)
     if rewrite:
         config = tokenizer.files[0].parent / "tokenizer_config.json"
-        write_hf_tokenizer_json(tokenizer, out_dir, _read_json(config) if config.is_file() else {})
+        write_hf_tokenizer_json(tokenizer, out_dir, read_json_object(config) if config.is_file() else {})
 
 
 # Legacy `pytorch_model*.bin`: opened only with `torch.load(weights_only=True, mmap=True)`, which refuses to
@@ -330,7 +317,7 @@ def convert_hf_to_jax(
     """
     hf_dir = pathlib.Path(hf_dir)
     try:
-        cfg = ModelConfig.from_hf(_read_json(hf_dir / "config.json"))
+        cfg = ModelConfig.from_hf(read_json_object(hf_dir / "config.json"))
     except UserError as e:
         raise UserError(f"{hf_dir}: {e}" if str(e).startswith("config.json") else str(e)) from None
     tensors = read_hf_tensors(hf_dir)
@@ -386,7 +373,7 @@ def convert_jax_to_hf(
     tokenizer = _tokenizer_of(ckpt_dir, cfg)
     saved = ckpt_dir / "generation_config.json"
     if saved.is_file():
-        generation = _read_json(saved)
+        generation = read_json_object(saved)
     elif tokenizer:
         ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
         generation = dict(zip(_TOKEN_ID_KEYS, ids, strict=True))

@@ -31,6 +31,7 @@ from mellama_jax.config import TrainConfig
 from mellama_jax.data.cpt import cpt_batches, mixture_tokens
 from mellama_jax.data.sft import sft_batches
 from mellama_jax.data.synthetic import CountingBatches
+from mellama_jax.devices import RUNNING_PEAK_TFLOPS
 from mellama_jax.distributed import anywhere, initialize, together
 from mellama_jax.errors import UserError
 from mellama_jax.metrics_log import MetricsLog
@@ -50,14 +51,12 @@ from mellama_jax.train import TrainState, abstract_state, compile_step, init_sta
 
 log = logging.getLogger(__name__)
 
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per device
-
 
 def _peak_flops(cfg: TrainConfig) -> float | None:
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
     kind = jax.devices()[0].device_kind
-    return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
+    return next((tflops * 1e12 for name, tflops in RUNNING_PEAK_TFLOPS.items() if name in kind), None)
 
 
 def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, TrainState]:

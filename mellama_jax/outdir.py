@@ -48,7 +48,10 @@ def disk_full(e: BaseException) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether a process of this id runs on this host (anything but an int id: no)."""
+    if not isinstance(pid, int):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +77,7 @@ def remove_stale(out_dir: pathlib.Path) -> list[pathlib.Path]:
     removed = []
     for path in sorted(out_dir.parent.iterdir()) if out_dir.parent.is_dir() else ():
         match = owned.fullmatch(path.name)
-        if match and match.group(2) == _HOST and not _alive(int(match.group(1))):
+        if match and match.group(2) == _HOST and not pid_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             log.warning("removed %s, left by an interrupted run (process %s has ended)", path, match.group(1))
             removed.append(path)

@@ -32,7 +32,7 @@ from mellama_jax.config import COMPUTE_FIELDS, ModelConfig
 from mellama_jax.config_file import read_model_config
 from mellama_jax.data.tokenizer import TOKENIZER_FILES
 from mellama_jax.errors import UserError
-from mellama_jax.outdir import replace_file
+from mellama_jax.outdir import pid_alive, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class RunLock:
                 f"{self.path}: held by {_describe(holder)}, alive {silent:.0f} s ago; if that run has ended,"
                 f" delete the file or retry after {STALE_AFTER:.0f} s of silence"
             )
-        if holder.get("host") == host and not flocked and _alive(holder.get("pid")):
+        if holder.get("host") == host and not flocked and pid_alive(holder.get("pid")):
             os.close(fd)
             raise UserError(f"{self.path.parent}: another mellama train writes this run ({_describe(holder)})")
         if holder:
@@ -128,18 +128,6 @@ class RunLock:
             raise UserError(
                 f"{self.path}: process 0's lock is not visible here; run_dir must be on a shared filesystem"
             )
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def check_run_dir(run_dir: pathlib.Path) -> None:
