@@ -1,0 +1,1 @@
+"""Evaluation: the MIBE benchmark tasks, generation, the eval harness and related checks (DESIGN §2)."""
