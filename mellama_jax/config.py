@@ -278,6 +278,10 @@ class DataConfig:
     # cpt with epochs: when one source has had its last epoch, the mixture ends ("stop"), or that source
     # starts over while the others finish theirs, and the mixture ends with the last one ("repeat").
     on_source_end: str = "stop"
+    # the share of every source's documents never trained on, and validated on when no eval_data is given;
+    # chosen per document by a hash of its index in the source, so it is the same whatever the seed, the
+    # processes or a resume (data/packing.py: held_out)
+    heldout: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("synthetic", "cpt", "sft"):
@@ -291,6 +295,10 @@ class DataConfig:
         for name in ("epochs", "token_budget"):
             if getattr(self, name) < 0:
                 raise UserError(f"data.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if not 0.0 <= self.heldout < 1.0:
+            raise UserError(f"data.heldout must be in [0, 1) (a share of the documents), got {self.heldout}")
+        if self.heldout and self.kind == "synthetic":
+            raise UserError("data.heldout: the synthetic counting data has no documents to hold out")
         if self.kind != "synthetic" and not self.sources:
             raise UserError(f"data.sources: a {self.kind} run needs at least one source")
         names = [s.name for s in self.sources]
@@ -326,6 +334,11 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    # Validation (validation.py): every eval_every steps (0: never), at the run's start and at its end, the loss
+    # on eval_data (read once, whole), or without it on data.heldout's share of the training documents.
+    eval_every: int = 0
+    eval_batches: int = 0  # at most this many global batches per evaluation, the same ones every time (0: all)
+    eval_data: DataConfig | None = None  # cpt or sft sources, as in `data`; tokenizer "" = data's
 
     def __post_init__(self):
         if self.steps != "auto" and (isinstance(self.steps, str) or self.steps < 1):
@@ -341,3 +354,23 @@ class TrainConfig:
             raise UserError("run_dir must name a folder")
         if self.peak_tflops < 0:
             raise UserError(f"peak_tflops must be >= 0 (0: from the device kind), got {self.peak_tflops}")
+        self._check_eval()
+
+    def _check_eval(self) -> None:
+        if self.eval_every < 0:
+            raise UserError(f"eval_every must be >= 0 (0: never), got {self.eval_every}")
+        if self.eval_batches < 0:
+            raise UserError(f"eval_batches must be >= 0 (0: all of the eval data), got {self.eval_batches}")
+        held = self.eval_data
+        if held is not None:
+            if held.kind not in ("cpt", "sft"):
+                raise UserError(f"eval_data.kind must be 'cpt' or 'sft', got {held.kind!r}")
+            for name in ("epochs", "token_budget", "heldout", "on_source_end"):  # an evaluation reads it all, once
+                if getattr(held, name) != getattr(DataConfig, name):
+                    raise UserError(f"eval_data.{name} does not apply: every evaluation reads each document once"
+                                    " (eval_batches bounds it)")  # fmt: skip
+        if self.eval_every and held is None and not self.data.heldout:
+            raise UserError(
+                "eval_every: nothing to evaluate on; give eval_data (held-out sources) or data.heldout"
+                " (a share of the training documents)"
+            )

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mellama_jax.config import COMPUTE_FIELDS, ModelConfig, TrainConfig, typed
+from mellama_jax.config import COMPUTE_FIELDS, DataConfig, ModelConfig, TrainConfig, typed
 from mellama_jax.errors import UserError
 
 PRESETS = ("llama2_7b", "llama2_13b", "llama2_70b", "tiny")
@@ -129,21 +129,31 @@ def _build(base: Any, raw: dict[str, Any], prefix: str):
     for key, value in raw.items():
         if key not in hints:
             raise UserError(f"unknown key {prefix + key!r} (known: {', '.join(sorted(hints))})")
-        kind = hints[key]
+        kind, section = hints[key], _section(hints[key])
         if typing.get_origin(kind) is tuple:
             kwargs[key] = _build_tuple(typing.get_args(kind)[0], value, prefix + key)
-        elif dataclasses.is_dataclass(kind) and isinstance(value, kind):  # already resolved (init_from's model)
-            kwargs[key] = value
-        elif dataclasses.is_dataclass(kind):
+        elif section and (isinstance(value, section) or (value is None and kind is not section)):
+            kwargs[key] = value  # already resolved (init_from's model), or an optional section left out (null)
+        elif section:
             if not isinstance(value, dict):
                 raise UserError(f"{prefix + key!r} must be a section, got {value!r}")
-            kwargs[key] = _build(getattr(base, key), value, f"{prefix}{key}.")
+            kwargs[key] = _build(getattr(base, key) or section(), value, f"{prefix}{key}.")
         else:
             kwargs[key] = _scalar(kind, value, prefix + key)
     try:
         return getattr(cls, preset)(**kwargs) if preset else dataclasses.replace(base, **kwargs)
     except TypeError as e:  # a preset's own keyword clashing: should not happen, but never a traceback
         raise UserError(f"{prefix or 'config'}: {e}") from None
+    except UserError as e:
+        if cls is DataConfig and prefix != "data.":  # DataConfig names its fields `data.`: say which section
+            raise UserError(re.sub(r"(?<![\w.])data\.", prefix, str(e))) from None
+        raise
+
+
+def _section(kind: Any) -> type | None:
+    """The config dataclass a field holds: `kind` itself, or X of an optional `X | None`; else None."""
+    options = [k for k in typing.get_args(kind) if k is not type(None)] if typing.get_args(kind) else [kind]
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None
 
 
 def _scalar(kind: Any, value: Any, name: str) -> Any:

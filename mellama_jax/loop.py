@@ -1,6 +1,7 @@
 """The training loop: a run's start (lock, checks, restore or init), its steps, checkpoints and metrics.
 
-`train(cfg)` runs or resumes a run in `cfg.run_dir`. The pure step it drives is `train.train_step`.
+`train(cfg)` runs or resumes a run in `cfg.run_dir`. The pure step it drives is `train.train_step`; with
+`eval_every`, validation.py evaluates the params at step 0, at every multiple of it and at the end.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from mellama_jax.run_dir import (
 )
 from mellama_jax.sharding import batch_sharding, make_mesh, process_rows
 from mellama_jax.train import TrainState, abstract_state, compile_step, init_state, schedule
+from mellama_jax.validation import Evaluator, due
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,8 @@ def _run(cfg: TrainConfig, run_dir: pathlib.Path, lead: bool) -> list[dict]:
             split,
         )
     data = batches(cfg, *process_rows(mesh, cfg.global_batch))
+    evaluators: list[Evaluator | None] = []  # its data is opened (and checked) before anything starts
+    together(lambda: evaluators.append(Evaluator(cfg, mesh) if cfg.eval_every else None))
     manager = run_manager(run_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
     start, state = start_state(cfg, mesh, manager, data)
     outputs: list[MetricsLog] = []
@@ -182,7 +186,7 @@ def _run(cfg: TrainConfig, run_dir: pathlib.Path, lead: bool) -> list[dict]:
     previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not lead, unit="step")
     try:
-        _loop(cfg, mesh, state, data, start, manager, metrics_log, bar, stop)
+        _loop(cfg, mesh, state, data, start, manager, metrics_log, bar, stop, evaluators[0])
         finish_checkpoints(manager)
         metrics_log.close()
     except BaseException as e:
@@ -201,8 +205,14 @@ def _run(cfg: TrainConfig, run_dir: pathlib.Path, lead: bool) -> list[dict]:
 
 
 def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, manager, metrics_log: MetricsLog,
-          bar: tqdm.tqdm, stop: list[int]) -> None:  # fmt: skip
-    """Steps from `start`; every process's host-side failure is exchanged with the step's stop flags."""
+          bar: tqdm.tqdm, stop: list[int], evaluator: Evaluator | None) -> None:  # fmt: skip
+    """Steps from `start`; every process's host-side failure is exchanged with the step's stop flags.
+
+    A validation comes after its step's flags, so that the last step (which only they tell) gets one, and
+    before its checkpoint: a checkpointed step never lacks its validation row, and a step redone after a
+    kill had none kept. A signal skips it (the grace time is for the save); the resumed run then does it
+    first, as it does for step 0 and for any other due step whose row is missing.
+    """
     step_fn, batch_sh = compile_step(cfg, mesh), batch_sharding(mesh)
     flops, peak = train_flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch * cfg.seq_len, _peak_flops(cfg)
 
@@ -220,6 +230,19 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
             raise failure or UserError("another process stopped the run (its error says why)")
         return tuple(flags)
 
+    shown_val: dict[str, str] = {}
+
+    def validate(step: int, params: dict) -> None:
+        row, failure = evaluator(step, params, exchange), None
+        try:
+            metrics_log.write(row)
+        except OSError as e:
+            failure = e
+        exchange(failure)
+        log.info("step %d: validation loss %.4f, perplexity %.4g, over %d tokens",
+                 step, row["val_loss"], row["val_ppl"], row["val_tokens"])  # fmt: skip
+        shown_val["val"] = f"{row['val_loss']:.4f}"
+
     batch, failure, plot = None, None, False
     try:
         batch = fetch()
@@ -228,6 +251,10 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
     (ended,) = exchange(failure, start < cfg.steps and batch is None)  # one shard may end before another
     if ended:
         log.warning("the data ended at step %d; nothing left to train on", start)
+    # a due step without its validation row (step 0, or one a signal stopped at); process 0 alone has the log
+    missing = metrics_log.enabled and not metrics_log.validated(start)
+    if evaluator is not None and due(cfg, start) and exchange(None, missing)[0]:
+        validate(start, state.params)
     tick = time.perf_counter()
     for step in range(start, start if ended else cfg.steps):
         state, metrics = step_fn(state, batch)  # dispatched: the device runs it while the host goes on
@@ -243,7 +270,7 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
             metrics_log.write(row)
             if plot:  # the last checkpoint's
                 metrics_log.plot()
-            shown = {"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+            shown = {"loss": f"{row['loss']:.4f}", **shown_val, "tok_s": f"{row['tokens_per_s']:.0f}"}
             bar.set_postfix(shown | ({"mfu": f"{row['mfu']:.1%}"} if peak else {}))
             bar.update()
             check_saves(manager)  # a background save that failed stops the run here
@@ -251,6 +278,9 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
             failure = e
         signalled, ended = exchange(failure, bool(stop), batch is None and step + 1 < cfg.steps)
         last = signalled or ended or step + 1 == cfg.steps
+        if evaluator is not None and not signalled and (last or due(cfg, step + 1)):
+            validate(step + 1, state.params)
+            tick = time.perf_counter()  # its time is no training step's
         plot = save_checkpoint(manager, step + 1, state, data_state, force=last)
         if signalled:
             log.warning("signal %s: saved step %d, stopping", stop[0] if stop else "on another process", step + 1)

@@ -1,5 +1,9 @@
 """Where a run's metrics go: `metrics.jsonl` (one object per step), TensorBoard events, and `loss.png`.
 
+Rows are of two kinds, told apart by their keys: a training step's (`loss`, `grad_norm`, `lr`, ...), and a
+validation's (`val_loss`, `val_ppl`, `val_tokens`; validation.py), which follows its step's training row
+(step 0's comes first). In TensorBoard they are `train/...` and `val/...`; `loss.png` draws both losses.
+
 The history survives kills. On resume, `metrics.jsonl` is rewritten beside itself and renamed into place
 with every row up to the restored step (rows after it were never checkpointed, so they are redone), then
 appended to. A torn or non-JSON line (a kill mid-write) is dropped with a warning naming it. The run has
@@ -98,20 +102,32 @@ def _crc(data: bytes) -> bytes:
     return struct.pack("<I", masked_crc32c(data))
 
 
+def is_validation(row: dict) -> bool:
+    """Whether a metrics row is a validation's (else a training step's)."""
+    return "val_loss" in row
+
+
 class MetricsLog:
+    """The run's metrics files (process 0's; elsewhere `enabled` is False and only `rows` and `evals` are kept):
+    `rows` are the training steps', `evals` the validations'."""
+
     def __init__(self, run_dir: pathlib.Path, start_step: int, enabled: bool = True):
-        self.run_dir, self.enabled, self.rows = pathlib.Path(run_dir), enabled, []
+        self.run_dir, self.enabled, self.rows, self.evals = pathlib.Path(run_dir), enabled, [], []
         if not enabled:
             return
-        path = self.run_dir / "metrics.jsonl"
+        path, kept = self.run_dir / "metrics.jsonl", []
         if path.is_file():
-            self.rows = [row for row in read_rows(path) if row["step"] <= start_step]
-        replace_file(path, "".join(json.dumps(row) + "\n" for row in self.rows).encode())
+            kept = [row for row in read_rows(path) if row["step"] <= start_step]
+        replace_file(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+        for row in kept:
+            (self.evals if is_validation(row) else self.rows).append(row)
         self.file = open(path, "a")  # noqa: SIM115 - held open for the run, closed in close()
         self.events = EventFile(self.run_dir / "tensorboard", start_step)
 
     def write(self, row: dict) -> None:
-        self.rows.append(row)
+        """Appends a training or a validation row (`val_*` keys, shown as `val/*` in TensorBoard)."""
+        validation = is_validation(row)
+        (self.evals if validation else self.rows).append(row)
         if not self.enabled:
             return
         try:
@@ -119,8 +135,13 @@ class MetricsLog:
             self.file.flush()
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.file.name) from e
-        finite = {f"train/{k}": v for k, v in row.items() if k != "step" and v is not None and math.isfinite(v)}
+        tag = (lambda k: k.replace("val_", "val/", 1)) if validation else (lambda k: f"train/{k}")
+        finite = {tag(k): v for k, v in row.items() if k != "step" and v is not None and math.isfinite(v)}
         self.events.scalars(row["step"], finite)
+
+    def validated(self, step: int) -> bool:
+        """Whether `step` has its validation row."""
+        return any(row["step"] == step for row in self.evals)
 
     def close(self) -> None:
         if not self.enabled:
@@ -130,8 +151,9 @@ class MetricsLog:
         self.plot()
 
     def plot(self) -> None:
-        """Redraws `loss.png` (loss on a log scale, learning rate beside it), written whole or not at all."""
-        if not (self.enabled and self.rows):
+        """Redraws `loss.png` (training and validation loss on a log scale, learning rate beside it), written
+        whole or not at all."""
+        if not (self.enabled and (self.rows or self.evals)):
             return
         import matplotlib
 
@@ -141,6 +163,9 @@ class MetricsLog:
         steps = [row["step"] for row in self.rows]
         figure, loss_axis = plt.subplots(figsize=(8, 4.5))
         lines = loss_axis.plot(steps, [row["loss"] for row in self.rows], color="tab:blue", label="training loss")
+        if self.evals:
+            lines += loss_axis.plot([row["step"] for row in self.evals], [row["val_loss"] for row in self.evals],
+                                    "o-", color="tab:green", markersize=4, label="validation loss")  # fmt: skip
         loss_axis.set(xlabel="step", ylabel="loss", yscale="log")
         lr_axis = loss_axis.twinx()
         lines += lr_axis.plot(steps, [row["lr"] for row in self.rows], color="tab:orange", label="learning rate")

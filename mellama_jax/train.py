@@ -1,4 +1,4 @@
-"""The pure, sharded training step: TrainState in, TrainState and metrics out.
+"""The pure, sharded training step: TrainState in, TrainState and metrics out; and its evaluation twin.
 
 Precision: fp32 master params and AdamW state, compute in `model.dtype` (bf16 for real runs), logits
 and loss in fp32. A step accumulates gradients over `micro_batches` slices of the global batch and
@@ -77,6 +77,12 @@ def loss_sums(cfg: TrainConfig, params: dict, batch: dict) -> tuple[jax.Array, j
     return (ce * weight).sum(), weight.sum()
 
 
+def micro_batches(batch: dict, m: int) -> dict:
+    """[B, T] arrays as [m, B/m, T]: row r goes to micro-batch r % m, so each device's rows stay on it,
+    whatever the batch sharding."""
+    return jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
 def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimiser step over the global batch, accumulated over `cfg.micro_batches` slices."""
     m = cfg.micro_batches
@@ -89,10 +95,9 @@ def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainS
 
     if m == 1:
         (loss_sum, count), grads = sums_and_grads(state.params, batch)
-    else:  # row r goes to micro-batch r % m: each device's rows stay on it, whatever the batch sharding
-        micro = jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), batch)
+    else:
         zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro_batches(batch, m))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.tree.norm(grads)
@@ -116,6 +121,18 @@ def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainS
         "skipped": new_state.skipped,
     }
     return new_state, metrics
+
+
+def eval_step(cfg: TrainConfig, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """`loss_sums` over a global batch, a micro-batch at a time as `train_step` does (so it fits where training
+    does); no gradients, no optimizer."""
+
+    def add(carry, mb):
+        s, n = loss_sums(cfg, params, mb)
+        return (carry[0] + s, carry[1] + n), None
+
+    (loss_sum, count), _ = jax.lax.scan(add, (jnp.zeros(()), jnp.zeros(())), micro_batches(batch, cfg.micro_batches))
+    return loss_sum, count
 
 
 def _init(cfg: TrainConfig, seed: jax.Array) -> TrainState:
@@ -172,4 +189,21 @@ def compile_step(cfg: TrainConfig, mesh: Mesh) -> Callable[[TrainState, dict], t
             return step.lower(state, batch)
 
     on_mesh.lower = lower
+    return on_mesh
+
+
+def compile_eval(cfg: TrainConfig, mesh: Mesh) -> Callable[[dict, dict], tuple[jax.Array, jax.Array]]:
+    """`eval_step` jitted over the train step's shardings of params and batch; its sums come out replicated."""
+    batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.jit(
+        functools.partial(eval_step, cfg),
+        in_shardings=(state_shardings(cfg, mesh).params, batch_sh),
+        out_shardings=(replicated, replicated),
+    )
+
+    def on_mesh(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        with activation_mesh(mesh):
+            return step(params, batch)
+
     return on_mesh

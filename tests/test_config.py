@@ -139,3 +139,42 @@ def test_the_data_section_selects_sources_and_weights():
 def test_bad_data_sections_are_one_line_errors(override, message):
     with pytest.raises(UserError, match=message):
         load_config(None, [override])
+
+
+SOURCES = "[{name: held, paths: [held.jsonl]}]"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval_every=100"], r"override 'eval_every=100': eval_every: nothing to evaluate on; give eval_data"),
+        (["eval_every=-1"], r"eval_every must be >= 0 \(0: never\), got -1"),
+        (["eval_batches=-2"], r"eval_batches must be >= 0 \(0: all of the eval data\), got -2"),
+        (["data.kind=cpt", f"data.sources={SOURCES}", "data.heldout=1.0"], r"data.heldout must be in \[0, 1\)"),
+        (["data.heldout=0.01"], r"data.heldout: the synthetic counting data has no documents to hold out"),
+        ([f"eval_data={{sources: {SOURCES}}}"], r"eval_data.kind must be 'cpt' or 'sft', got 'synthetic'"),
+        (["eval_data.kind=cpt"], r"eval_data.sources: a cpt run needs at least one source"),
+        (["eval_data.kind=sft", "eval_data.sources=[{name: a}]"], r"eval_data.sources\[0\] \(a\): no paths"),
+        (["eval_data.kind=cpt", f"eval_data.sources={SOURCES}", "eval_data.epochs=2"],
+         r"override 'eval_data.epochs=2': eval_data.epochs does not apply: every evaluation reads each document once"),
+        (["eval_data.kind=cpt", f"eval_data.sources={SOURCES}", "eval_data.heldout=0.1"], r"eval_data.heldout does n"),
+        (["eval_data.colour=red"], r"unknown key 'eval_data.colour'"),
+        (["eval_data=[held.jsonl]"], r"'eval_data' must be a section"),
+    ],
+)  # fmt: skip
+def test_bad_validation_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_validation_settings_round_trip_through_print_config(tmp_path):
+    from mellama_jax.config_file import to_yaml
+
+    heldout = ["data.kind=sft", f"data.sources={SOURCES}", "data.heldout=0.01", "eval_every=500"]
+    separate = ["eval_every=500", "eval_batches=20", f"eval_data={{kind: cpt, sources: {SOURCES}}}"]
+    for overrides in (heldout, separate, []):
+        cfg = load_config(None, overrides)
+        (tmp_path / "printed.yaml").write_text(to_yaml(cfg))
+        assert load_config(str(tmp_path / "printed.yaml")) == cfg
+    assert cfg.eval_data is None and "eval_data: null" in to_yaml(cfg)
+    assert load_config(None, separate).eval_data.sources[0].paths == ("held.jsonl",)

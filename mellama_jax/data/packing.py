@@ -1,4 +1,5 @@
-"""What the CPT and SFT iterators share: the seeded epoch order, and batches of rows filled one at a time.
+"""What the CPT and SFT iterators share: the seeded epoch order, the held-out split, and batches of rows
+filled one at a time.
 
 A subclass fills one row per `_fill_row` call and keeps everything that decides the next rows in
 `self.state` (JSON); `_restore` re-reads whatever it holds in hand after `set_state`.
@@ -19,6 +20,26 @@ BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 def shuffled(count: int, seed: int, epoch: int) -> grain.MapDataset:
     """The order of `count` items in `epoch`: a lazy seeded permutation (no index array is built)."""
     return grain.MapDataset.range(count).shuffle(seed=int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def held_out(indices: np.ndarray, share: float) -> np.ndarray:
+    """Whether each document index of a source falls in its held-out `share` (`data.heldout`), as a bool array.
+
+    A hash of the index alone (splitmix64's output for it, mapped to [0, 1)) decides: the split is the same
+    whatever the seed, the number of processes or where a run resumed, and it needs no list of documents.
+    """
+    x = (np.atleast_1d(indices).astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)) < np.uint64(share * 2**53)
+
+
+def held_out_indices(count: int, share: float, chunk: int = 1 << 22) -> np.ndarray:
+    """The indices < `count` that `held_out` picks, in order; counted in chunks (a corpus may hold 10^8 documents)."""
+    found = [start + np.flatnonzero(held_out(np.arange(start, min(count, start + chunk)), share))
+             for start in range(0, count, chunk)]  # fmt: skip
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 class PackedBatches:

@@ -13,6 +13,8 @@
   that does not fit the rest of a row starts the next one, and the rest of the row is padding.
 - Order and state are the CPT mixture's: a seeded permutation per epoch, every S-th sample per data shard,
   and a JSON state (epoch, next, pending sample, counts) that resumes to the same batches.
+- Held out: with `data.heldout`, training skips the records `packing.held_out` picks by their index in
+  their source; an evaluation reads those (or all of `eval_data`), each once, in an order of seed 0.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from mellama_jax.config import TrainConfig
 from mellama_jax.data.cpt import tokenizer_for
-from mellama_jax.data.packing import PackedBatches, shuffled
+from mellama_jax.data.packing import PackedBatches, held_out, held_out_indices, shuffled
 from mellama_jax.data.sources import LOGGED_SKIPS, BadRecord, Documents, open_documents
 from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.errors import UserError
@@ -89,6 +91,10 @@ class Samples:
         docs, local = self._locate(i)
         return docs.where(local)
 
+    def held_out(self, i: int, share: float) -> bool:
+        """Whether sample i is in its source's held-out `share`."""
+        return bool(held_out(self._locate(i)[1], share)[0])
+
     def get(self, i: int) -> tuple[tuple[list, list] | None, str]:
         """(ids, mask), or None for a skipped record; and "", "truncated" or "too long"."""
         docs, local = self._locate(i)
@@ -110,14 +116,32 @@ class Samples:
         return ((ids, mask), "truncated") if len(ids) <= self.max_len else (None, "too long")
 
 
-class SFTBatches(PackedBatches):
-    """Packed SFT batches of whole samples."""
+class HeldOut:
+    """The samples that `share` holds out of training, as a collection of their own (for validation)."""
 
-    def __init__(self, samples: Samples, seq_len: int, rows: int, seed: int, shard: int, shards: int, epochs: int):
-        if len(samples) < shards:
-            raise UserError(f"data: {len(samples)} SFT records cannot feed {shards} data shards")
+    def __init__(self, samples: Samples, share: float):
+        self.samples = samples
+        picked = [held_out_indices(len(docs), share) for docs in samples.sources]  # by index in their source
+        self.picked = np.concatenate([start + p for start, p in zip(samples.starts, picked, strict=False)])
+
+    def __len__(self) -> int:
+        return len(self.picked)
+
+    def where(self, i: int) -> str:
+        return self.samples.where(int(self.picked[i]))
+
+    def get(self, i: int) -> tuple[tuple[list, list] | None, str]:
+        return self.samples.get(int(self.picked[i]))
+
+
+class SFTBatches(PackedBatches):
+    """Packed SFT batches of whole samples, less the `heldout` share."""
+
+    def __init__(self, samples: Samples | HeldOut, seq_len: int, rows: int, seed: int, shard: int, shards: int,
+                 epochs: int, heldout: float = 0.0):  # fmt: skip
         self.samples, self.seq_len, self.rows, self.seed, self.epochs = samples, seq_len, rows, seed, epochs
         self.shard, self.shards, self.length = shard, shards, len(range(shard, len(samples), shards))
+        self.heldout = heldout
         self.set_state({"epoch": 0, "next": 0, "pending": None, "done": False, "truncated": 0, "too_long": 0})
 
     def _restore(self) -> None:
@@ -131,14 +155,21 @@ class SFTBatches(PackedBatches):
 
     def _take(self) -> tuple[list, list] | None:
         """The next sample that fits, put in hand (state "pending"); None when the data has ended."""
+        misses = 0
         while True:
             s = self.state
             if s["next"] == self.length:
                 if self.epochs and s["epoch"] + 1 >= self.epochs:
                     return None
                 s["epoch"], s["next"] = s["epoch"] + 1, 0
+            if misses > self.length:  # a whole pass without a sample to train on: no pass ever has one
+                raise UserError("data: no SFT record of this shard is left to train on (held out, malformed or "
+                                "longer than seq_len)")  # fmt: skip
             k, s["next"] = s["next"], s["next"] + 1
             position = self._position(s["epoch"], k)
+            if self.heldout and self.samples.held_out(position, self.heldout):  # for validation: never trained on
+                misses += 1
+                continue
             sample, note = self.samples.get(position)
             if note:
                 key = "truncated" if note == "truncated" else "too_long"
@@ -151,6 +182,7 @@ class SFTBatches(PackedBatches):
             if sample is not None:
                 s["pending"], self.hand = [s["epoch"], k], sample
                 return sample
+            misses += 1
 
     def _fill_row(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray, mask: np.ndarray) -> None:
         t, segment = 0, 0
@@ -168,8 +200,12 @@ class SFTBatches(PackedBatches):
             t, self.state["pending"], self.hand = t + len(ids), None, None
 
 
-def sft_batches(cfg: TrainConfig, first_row: int, rows: int) -> SFTBatches:
-    """This process's rows of every global batch of the SFT records the config names."""
+def sft_batches(cfg: TrainConfig, first_row: int, rows: int, evaluation: bool = False) -> SFTBatches:
+    """This process's rows of every global batch of the SFT records the config names.
+
+    With `evaluation`, the records are read for validation: the held-out share if `data.heldout` (else all),
+    each once, in the same order whatever the run's seed; a process whose share is empty gets padding.
+    """
     tokenizer = tokenizer_for(cfg)
     sources = []
     for source in cfg.data.sources:
@@ -178,6 +214,12 @@ def sft_batches(cfg: TrainConfig, first_row: int, rows: int) -> SFTBatches:
         fmt, on_error = source.format, cfg.data.on_error
         sources.append(open_documents(source.name, source.paths, fmt, "", on_error, source.split, source.data_dir))
     samples = Samples(sources, cfg.data.template, tokenizer, cfg.seq_len)
-    return SFTBatches(
-        samples, cfg.seq_len, rows, cfg.seed, first_row // rows, cfg.global_batch // rows, cfg.data.epochs
-    )
+    shard, shards, heldout = first_row // rows, cfg.global_batch // rows, cfg.data.heldout
+    if evaluation:
+        picked = HeldOut(samples, heldout) if heldout else samples
+        if not len(picked):
+            raise UserError(f"data.heldout: a share of {heldout} holds none of the {len(samples)} SFT records out")
+        return SFTBatches(picked, cfg.seq_len, rows, 0, shard, shards, epochs=1)
+    if len(samples) < shards:
+        raise UserError(f"data: {len(samples)} SFT records cannot feed {shards} data shards")
+    return SFTBatches(samples, cfg.seq_len, rows, cfg.seed, shard, shards, cfg.data.epochs, heldout)
