@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import checkify
 
 from mellama_jax import attention
 from mellama_jax.config import ModelConfig
@@ -25,6 +26,7 @@ from mellama_jax.sharding import constrain
 
 # The decode cache: {"k", "v": [L, B, S, K, H], "segment_ids": [B, S], "index": []}.
 Cache = dict[str, jax.Array]
+CACHE_KV = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 # Activations' logical names (sharding.constrain pins them when a mesh is set).
 RESIDUAL, HIDDEN, LOGITS = ("batch", "length", "act_embed"), ("batch", "length", "mlp"), ("batch", "length", "vocab")
@@ -100,8 +102,9 @@ class Attention(nnx.Module):
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T]
         attend: attention.Attend,  # (q, k, v) -> [B, T, N, H], as model.attention chose
-        kv: tuple[jax.Array, jax.Array] | None = None,  # cached ([B, S, K, H], [B, S, K, H])
+        kv: tuple[jax.Array, jax.Array] | None = None,  # the whole stack's cache ([L, B, S, K, H], [L, B, S, K, H])
         index: jax.Array | int = 0,  # slot of x's first token in the cache
+        layer: jax.Array | int = 0,  # this layer's index into the cache's L axis
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         dt = x.dtype
         q = constrain(dense(x, cast(self.q, dt)), HEADS)  # [B, T, N, H]
@@ -109,9 +112,12 @@ class Attention(nnx.Module):
         v = constrain(dense(x, cast(self.v, dt)), KV_HEADS)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-            kv = (k, v)
+            # The new slots are written into the stack in place and this layer's slice is read back: a cache
+            # passed layer by layer (scan xs -> ys) would be copied whole at every decoding step.
+            at = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), at)  # [L, B, S, K, H]
+            v_all = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), at)
+            kv, k, v = (k_all, v_all), k_all[layer], v_all[layer]  # this layer's [B, S, K, H]
         return dense(attend(q, k.astype(dt), v.astype(dt)), cast(self.o, dt), n_in=2), kv
 
 
@@ -136,8 +142,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, attend, kv=None, index=0):
-        h, kv = self.attn(self.attn_norm(x), positions, attend, kv, index)
+    def __call__(self, x, positions, attend, kv=None, index=0, layer=0):
+        h, kv = self.attn(self.attn_norm(x), positions, attend, kv, index, layer)
         x = constrain(x + h, RESIDUAL)
         return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL), kv
 
@@ -175,18 +181,19 @@ class Llama(nnx.Module):
         else:
             segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
             index, kv_in = cache["index"], (cache["k"], cache["v"])
+            check_room(index, tokens.shape[1], cache["segment_ids"].shape[1])
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)
             attend = attention.cached(segment_ids, kv_segments, index)
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def layer(x, xs):
-            block = nnx.merge(graphdef, xs[0])
-            return block(x, positions, attend, xs[1], index)
+        def layer(carry, xs):  # the cache rides in the carry: updated in place, layer by layer
+            (x, kv), (params, i) = carry, xs
+            return nnx.merge(graphdef, params)(x, positions, attend, kv, index, i), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat])
-        x, kv_out = jax.lax.scan(layer, x, (layer_state, kv_in))
+        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), (layer_state, jnp.arange(cfg.n_layers)))
 
         x = self.final_norm(x)
         head = cast(self.embed, dt).T if self.lm_head is None else cast(self.lm_head, dt)  # [D, V]
@@ -199,14 +206,29 @@ class Llama(nnx.Module):
         return logits, cache
 
 
+def check_room(index: jax.Array | int, t: int, slots: int) -> None:
+    """Refuses to write `t` slots from `index` into a cache of `slots`.
+
+    `dynamic_update_slice` would clamp the index while the mask keeps the true one, misaligning keys and
+    queries without a sound. A concrete index is checked here; a traced one with `checkify.check`, which
+    jit refuses unless the caller wraps its function in `checkify.checkify` and throws the error it returns.
+    """
+    message = f"KV cache overflow: writing {t} slots at index {{index}} of a cache of {slots}"
+    if not isinstance(index, jax.core.Tracer):
+        if int(index) + t > slots:
+            raise ValueError(message.format(index=int(index)))
+    else:
+        checkify.check(index + t <= slots, message, index=index)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty decode cache for `max_len` slots; slots fill left to right."""
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.dtype
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "k": constrain(jnp.zeros(shape, dtype), CACHE_KV),
+        "v": constrain(jnp.zeros(shape, dtype), CACHE_KV),
+        "segment_ids": constrain(jnp.zeros((batch, max_len), jnp.int32), ("batch", "length")),
         "index": jnp.zeros((), jnp.int32),
     }
 
