@@ -58,8 +58,9 @@ def _describe(holder: dict) -> str:
 class RunLock:
     """Held from `acquire()` to `release()`; `check()` tells another process of the same run that it is held."""
 
-    def __init__(self, run_dir: pathlib.Path):
+    def __init__(self, run_dir: pathlib.Path, writer: str = "mellama train writes this run"):
         self.path, self.fd, self.beating = pathlib.Path(run_dir) / LOCK, None, threading.Event()
+        self.writer = writer  # how a refusal names the holder's work
 
     def _open_locked(self) -> tuple[int, bool]:
         """The lock file, opened and flocked (False: this filesystem has no flock)."""
@@ -70,9 +71,7 @@ class RunLock:
             except BlockingIOError:
                 holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
                 os.close(fd)
-                raise UserError(
-                    f"{self.path.parent}: another mellama train writes this run ({_describe(holder)})"
-                ) from None
+                raise UserError(f"{self.path.parent}: another {self.writer} ({_describe(holder)})") from None
             except OSError as e:
                 if e.errno in _NO_FLOCK:
                     return fd, False
@@ -97,7 +96,7 @@ class RunLock:
             )
         if holder.get("host") == host and not flocked and pid_alive(holder.get("pid")):
             os.close(fd)
-            raise UserError(f"{self.path.parent}: another mellama train writes this run ({_describe(holder)})")
+            raise UserError(f"{self.path.parent}: another {self.writer} ({_describe(holder)})")
         if holder:
             log.warning("%s: taking over a stale lock (%s, which is gone)", self.path, _describe(holder))
         mine = {"host": host, "pid": os.getpid(), "started": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -1,0 +1,271 @@
+"""`mellama eval`: the MIBE tasks over a checkpoint, run as the paper's harness runs them, every output kept.
+
+Protocol (DESIGN §2) by default: zero-shot, greedy, up to 256 new tokens, stop at EOS. Each task's outputs are
+parsed twice (the paper's substring parser and a strict one) and scored under both. In `--out DIR`:
+
+  predictions/<task>.jsonl  one row per example: id, prompt, output (and its token ids), parsed, parsed_strict, gold
+  results.json              per task and metric under both parsers (and on the clean subset when a contamination
+                            report is given), the settings, the checkpoint and its fingerprint, library versions
+  results.md                the same as a table, Me-LLaMA-70B-chat's published numbers beside ours
+
+Each task's predictions are written as soon as it finishes, so an interrupted eval re-run with the same
+checkpoint and settings picks up at the task it was in. Other settings are refused unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import pathlib
+import shutil
+
+import tqdm
+
+from mellama_jax.errors import UserError
+from mellama_jax.evaluation.tasks import TASKS, Example, Task, select
+from mellama_jax.generate import Loaded, Sampling, apply_template, generate, load
+from mellama_jax.outdir import replace_file
+from mellama_jax.run_dir import RunLock, write_json
+
+log = logging.getLogger(__name__)
+
+PARSERS = ("paper", "strict")  # the paper-compatible substring parser, and the strict first-label parser
+VERSIONS = ("mellama-jax", "jax", "jaxlib", "flax", "numpy", "scikit-learn", "seqeval", "rouge-score", "bert-score",
+            "sentencepiece", "tokenizers")  # fmt: skip
+RESULTS, TABLE, PREDICTIONS = "results.json", "results.md", "predictions"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What decides the outputs (the batch size does not, so it is not part of a run's identity)."""
+
+    shots: int = 0  # 0: the paper's zero-shot; 1: each example is preceded by the next one, answered
+    limit: int | None = None  # the first N examples of each task
+    template: str = "raw"  # prompt wrapper (generate.apply_template): raw | me-llama | llama2-chat
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+
+    def __post_init__(self):
+        if self.shots not in (0, 1):
+            raise UserError(f"--shots must be 0 or 1, got {self.shots}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {self.limit}")
+
+
+def evaluate(
+    ckpt_dir: pathlib.Path,
+    tasks: str,
+    data_dir: pathlib.Path,
+    out_dir: pathlib.Path,
+    settings: EvalSettings = EvalSettings(),
+    batch_size: int = 16,
+    exclude_report: pathlib.Path | None = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
+) -> dict:
+    """Runs `tasks` ("all" or "a,b") on the checkpoint and writes the outputs; returns results.json's content."""
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.suffix == ".json":
+        raise UserError(f"--out {out_dir}: names a folder (results.json and predictions/ are written inside it)")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    chosen = select(tasks)
+    examples = {task.name: task.load(pathlib.Path(data_dir), settings.limit) for task in chosen}  # before the model
+    for task in chosen:
+        if not examples[task.name]:
+            raise UserError(f"{task.find(pathlib.Path(data_dir))}: no examples for {task.name}")
+    excluded = _excluded(exclude_report, chosen, examples) if exclude_report else None
+    previous = _check_out(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir, "mellama eval writes this folder")
+    lock.acquire()
+    try:
+        model = load(ckpt_dir, dtype)
+        identity = {"checkpoint": str(pathlib.Path(ckpt_dir).resolve()), "fingerprint": model.fingerprint,
+                    "settings": _settings(settings), "data_dir": str(pathlib.Path(data_dir).resolve())}  # fmt: skip
+        if previous and {k: previous.get(k) for k in identity} != identity:
+            if not overwrite:
+                raise UserError(f"{out_dir}: holds results of another checkpoint or other settings; pass --overwrite"
+                                " to replace them, or choose another --out")  # fmt: skip
+            previous = None
+        if previous is None:
+            shutil.rmtree(out_dir / PREDICTIONS, ignore_errors=True)
+        (out_dir / PREDICTIONS).mkdir(exist_ok=True)
+        # tasks evaluated earlier into this folder with the same settings stay in the results
+        results = {**identity, "versions": _versions(), "tasks": dict((previous or {}).get("tasks", {}))}
+        for task in chosen:
+            data_file = task.find(pathlib.Path(data_dir))
+            rows = _reuse(out_dir, task, examples[task.name], previous, data_file)
+            if rows is None:
+                rows = _run_task(model, task, examples[task.name], settings, batch_size)
+                _write_rows(out_dir / PREDICTIONS / f"{task.name}.jsonl", rows)
+            results["tasks"][task.name] = _scores(task, examples[task.name], rows, excluded, data_file)
+            write_json(out_dir / RESULTS, results)
+            replace_file(out_dir / TABLE, table(results).encode())
+        return results
+    finally:
+        lock.release()
+
+
+def _settings(settings: EvalSettings) -> dict:
+    return {**dataclasses.asdict(settings), "sampling": dataclasses.asdict(settings.sampling)}
+
+
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for name in VERSIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _check_out(out_dir: pathlib.Path, overwrite: bool) -> dict | None:
+    """The results already in `out_dir` (a folder of ours), None if it is new; a folder of something else is refused."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return None
+    results = out_dir / RESULTS
+    try:
+        previous = json.loads(results.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        previous = None
+    if not isinstance(previous, dict) or "fingerprint" not in previous:
+        if not overwrite:
+            raise UserError(f"--out {out_dir}: exists, is not empty and holds no {RESULTS} of ours; pass --overwrite")
+        for name in (RESULTS, TABLE):
+            (out_dir / name).unlink(missing_ok=True)
+        return None
+    return previous
+
+
+def _excluded(report: pathlib.Path, tasks: list[Task], examples: dict[str, list[Example]]) -> dict[str, set[str]]:
+    from mellama_jax.decontaminate import contaminated_ids
+
+    found = contaminated_ids(pathlib.Path(report))
+    checked = {
+        name: entry.get("checked") for name, entry in json.loads(pathlib.Path(report).read_text())["tasks"].items()
+    }
+    for task in tasks:
+        if task.name not in found:
+            log.warning("%s has no entry for %s: no clean-subset score for it", report, task.name)
+        elif isinstance(checked[task.name], int) and checked[task.name] < len(examples[task.name]):
+            log.warning("%s checked only the first %d %s examples (--limit?); the other %d count as clean", report,
+                        checked[task.name], task.name, len(examples[task.name]) - checked[task.name])  # fmt: skip
+    return found
+
+
+def _data_hash(path: pathlib.Path) -> str:
+    """sha256 of a task's data: one file, or every file of a folder (i2b2) with its relative path."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode() + b"\0" if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _reuse(out_dir, task: Task, examples: list[Example], previous: dict | None, data_file) -> list[dict] | None:
+    """A finished task's predictions from an earlier run with the same settings and the same data file."""
+    done = (previous or {}).get("tasks", {}).get(task.name)
+    path = out_dir / PREDICTIONS / f"{task.name}.jsonl"
+    if not done or done.get("data_sha256") != _data_hash(data_file) or not path.is_file():
+        return None
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if [r.get("id") for r in rows] != [e.id for e in examples]:
+        return None
+    log.info("%s: reusing the %d predictions in %s", task.name, len(rows), path)
+    return rows
+
+
+def _prompt_ids(model: Loaded, texts: list[str], room: int) -> tuple[list[list[int]], int]:
+    """Token ids with BOS; a prompt longer than `room` keeps BOS and its last tokens (the input's end and the
+    answer cue), as lm-eval's HF model truncates. Returns the ids and how many were cut."""
+    ids, cut = [], 0
+    for text in texts:
+        tokens = model.tokenizer.encode(text)
+        if len(tokens) > room:
+            tokens, cut = tokens[:1] + tokens[len(tokens) - room + 1 :], cut + 1
+        ids.append(tokens)
+    return ids, cut
+
+
+def _run_task(model: Loaded, task: Task, examples: list[Example], settings: EvalSettings, batch_size: int) -> list:
+    n = len(examples)
+    shots = [examples[(i + 1) % n] if settings.shots and n > 1 else None for i in range(n)]
+    prompts = [task.prompt(e, shot) for e, shot in zip(examples, shots, strict=True)]
+    room = model.cfg.max_seq_len - settings.sampling.max_new_tokens
+    if room < 2:
+        raise UserError(f"--max-new-tokens {settings.sampling.max_new_tokens} leaves no room for a prompt"
+                        f" in the model's {model.cfg.max_seq_len} positions")  # fmt: skip
+    ids, cut = _prompt_ids(model, [apply_template(p, settings.template) for p in prompts], room)
+    if cut:
+        log.warning("%s: %d of %d prompts exceed %d tokens; their beginnings were cut", task.name, cut, n, room)
+    with tqdm.tqdm(total=n, desc=task.name, unit="ex") as bar:
+        outputs = generate(model, ids, settings.sampling, batch_size, progress=bar.update)
+    rows = []
+    for example, prompt, new in zip(examples, prompts, outputs, strict=True):
+        text = model.tokenizer.decode(new)
+        rows.append({"id": example.id, "prompt": prompt, "output": text, "output_ids": list(new),
+                     "parsed": task.parse(text, example), "parsed_strict": task.parse_strict(text, example),
+                     "gold": example.gold})  # fmt: skip
+    return rows
+
+
+def _write_rows(path: pathlib.Path, rows: list[dict]) -> None:
+    replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def _scores(task: Task, examples: list[Example], rows: list[dict], excluded, data_file) -> dict:
+    entry = {"title": task.title, "data_file": str(data_file), "data_sha256": _data_hash(data_file), "n": len(rows)}
+    entry["paper_parser"] = task.score(examples, [r["parsed"] for r in rows])
+    entry["strict_parser"] = task.score(examples, [r["parsed_strict"] for r in rows])
+    if excluded is not None and task.name in excluded:
+        keep = [i for i, e in enumerate(examples) if e.id not in excluded[task.name]]
+        entry["clean"] = {"n": len(keep), "excluded": len(rows) - len(keep)}
+        if keep:
+            entry["clean"]["paper_parser"] = task.score([examples[i] for i in keep], [rows[i]["parsed"] for i in keep])
+    entry["paper"] = dict(task.paper)
+    return entry
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
+def table(results: dict) -> str:
+    """results.md: one row per task and metric, tasks in DESIGN §2's order."""
+    settings = results["settings"]
+    sampling = settings["sampling"]
+    decoding = "greedy" if sampling["temperature"] == 0 else f"temperature {sampling['temperature']}"
+    lines = [
+        f"# MIBE results: {results['checkpoint']}",
+        "",
+        f"{settings['shots']}-shot, {decoding}, up to {sampling['max_new_tokens']} new tokens, stop at EOS;"
+        f" template {settings['template']}; fingerprint `{results['fingerprint']}`.",
+        "paper parser: the first choice (in choice order) found in the output, as the paper's harness;"
+        " strict: the first label at the start of the answer.",
+        "",
+        "| task | metric | n | paper parser | strict parser | clean subset (n) | Me-LLaMA-70B-chat (paper) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task in TASKS.values():
+        entry = results["tasks"].get(task.name)
+        if entry is None:
+            continue
+        clean = entry.get("clean")
+        for metric in task.metrics:
+            clean_cell = "" if clean is None else f"{_cell(clean.get('paper_parser', {}).get(metric))} ({clean['n']})"
+            lines.append(f"| {task.title} | {metric} | {entry['n']} | {_cell(entry['paper_parser'].get(metric))} |"
+                         f" {_cell(entry['strict_parser'].get(metric))} | {clean_cell} |"
+                         f" {_cell(entry['paper'].get(metric))} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
