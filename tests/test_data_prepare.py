@@ -374,8 +374,8 @@ def test_a_worker_killed_mid_run_is_one_line_naming_its_file_and_leaves_nothing(
 
 def test_without_prctl_a_worker_watches_for_its_parent_to_end():
     worker = (
-        "import os, time\nfrom mellama_jax.data.prepare import _die_with\n"
-        "_die_with(os.getppid(), linux=False)\nprint('armed', flush=True)\ntime.sleep(60)\n"
+        "import os, time\nfrom mellama_jax.data.prepare import die_with\n"
+        "die_with(os.getppid(), linux=False)\nprint('armed', flush=True)\ntime.sleep(60)\n"
     )
     parent = (
         "import subprocess, sys\n"

@@ -47,7 +47,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _die_with(parent: int, linux: bool = sys.platform == "linux") -> None:
+def die_with(parent: int, linux: bool = sys.platform == "linux") -> None:
     """Ends this worker when `parent` ends, even by kill -9: an orphan would tokenize on, into a folder
     nobody will use."""
     armed = False
@@ -74,7 +74,7 @@ class _InWorker(Exception):
 def _work(conn: multiprocessing.connection.Connection, tokenizer_path: str, parent: int) -> None:
     """A worker: tokenizes the files `conn` sends, until None, answering each with its counts or error."""
     global _worker_tokenizer
-    _die_with(parent)
+    die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends its workers
     with contextlib.suppress(EOFError, ConnectionError):  # the parent has ended
         while (job := conn.recv()) is not None:
@@ -167,7 +167,7 @@ def _tokenize_all(jobs: list[tuple], tokenizer_path: str, workers: int) -> list[
         for _ in range(min(workers, len(jobs))):
             conn, theirs = spawn.Pipe()
             procs[conn] = spawn.Process(target=_work, args=(theirs, tokenizer_path, os.getpid()), daemon=True)
-            procs[conn].start()  # from this thread, which outlives the workers (see _die_with)
+            procs[conn].start()  # from this thread, which outlives the workers (see die_with)
             theirs.close()
         with tqdm.tqdm(total=len(jobs), unit="file", desc="prepare", disable=None) as bar:
             for conn in procs:
