@@ -196,10 +196,13 @@ class Llama(nnx.Module):
         (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), (layer_state, jnp.arange(cfg.n_layers)))
 
         x = self.final_norm(x)
-        head = cast(self.embed, dt).T if self.lm_head is None else cast(self.lm_head, dt)  # [D, V]
         # Gathered in bf16 here: left to the partitioner, the backward's fp32 product gathers an fp32 copy.
-        head = constrain(head, ("act_embed", "vocab"))
-        logits = constrain(dense(x, head, out_dtype=jnp.float32), LOGITS)
+        if self.lm_head is None:  # tied: contract the table's D axis as it lies; `.T` would copy [V, D] per call
+            table = constrain(cast(self.embed, dt), ("vocab", "act_embed"))
+            logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+        else:
+            logits = dense(x, constrain(cast(self.lm_head, dt), ("act_embed", "vocab")), out_dtype=jnp.float32)
+        logits = constrain(logits, LOGITS)
         if cache is not None:
             k, v = kv_out
             cache = {"k": k, "v": v, "segment_ids": kv_segments, "index": index + tokens.shape[1]}
