@@ -42,6 +42,7 @@ from mellama_jax.run_dir import (
     MODEL_CONFIG,
     RunLock,
     adopt_checkpoint_files,
+    adopt_tokenizer,
     check_resume,
     check_run_dir,
     has_checkpoints,
@@ -159,6 +160,8 @@ def _start_outputs(cfg: TrainConfig, run_dir: pathlib.Path, start: int, lead: bo
         write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(cfg.model))
         if cfg.init_from and start == 0:
             adopt_checkpoint_files(pathlib.Path(cfg.init_from), run_dir)
+        if cfg.data.tokenizer and start == 0:  # the tokenizer the data is read with is the model's from now on
+            adopt_tokenizer(cfg.data.tokenizer, run_dir)
         log.info("run %s: metrics.jsonl, loss.png and checkpoints/ there; watch with: tensorboard --logdir %s",
                  run_dir, run_dir / "tensorboard")  # fmt: skip
     return MetricsLog(run_dir, start, enabled=lead)
@@ -167,6 +170,8 @@ def _start_outputs(cfg: TrainConfig, run_dir: pathlib.Path, start: int, lead: bo
 def _run(cfg: TrainConfig, run_dir: pathlib.Path, lead: bool) -> list[dict]:
     mesh = make_mesh(cfg.mesh)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.global_batch % split:  # each device holds whole rows of the global batch
+        raise UserError(f"global_batch ({cfg.global_batch}) must be a multiple of data×fsdp = {split} devices")
     if (cfg.global_batch // cfg.micro_batches) % split:
         log.warning(
             "micro-batches of %d rows do not split over data×fsdp = %d devices: some get no rows, and the step runs"

@@ -10,7 +10,8 @@
 - `check_resume`: a run folder is resumed only with the model it was trained with (compute settings
   aside). A mismatch is an error before anything in the folder is touched.
 - `adopt_checkpoint_files`: a run started from a converted checkpoint carries that checkpoint's tokenizer
-  and generation settings, so exporting the run gives a complete Hugging Face folder.
+  and generation settings, so exporting the run gives a complete Hugging Face folder; `adopt_tokenizer`
+  copies `data.tokenizer` (the one the model is trained on) in the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 
 from mellama_jax.config import COMPUTE_FIELDS, ModelConfig
 from mellama_jax.config_file import read_model_config
-from mellama_jax.data.tokenizer import TOKENIZER_FILES
+from mellama_jax.data.tokenizer import TOKENIZER_FILES, TOKENIZER_MODEL_FILES, load_tokenizer
 from mellama_jax.errors import UserError
 from mellama_jax.outdir import pid_alive, replace_file
 
@@ -164,6 +165,16 @@ def check_resume(run_dir: pathlib.Path, model: ModelConfig) -> None:
 
 def write_json(path: pathlib.Path, content: dict) -> None:
     replace_file(path, (json.dumps(content, indent=2) + "\n").encode())
+
+
+def adopt_tokenizer(path: str | pathlib.Path, run_dir: pathlib.Path) -> None:
+    """`data.tokenizer`'s files in the run, under the names checkpoints use: generate, eval and export find them."""
+    tokenizer = load_tokenizer(path)
+    main, *others = tokenizer.files
+    replace_file(run_dir / ("tokenizer.json" if main.suffix == ".json" else "tokenizer.model"), main.read_bytes())
+    for other in others:
+        if other.name not in TOKENIZER_MODEL_FILES:  # the folder's other model file is not this tokenizer
+            replace_file(run_dir / other.name, other.read_bytes())
 
 
 def adopt_checkpoint_files(init_from: pathlib.Path, run_dir: pathlib.Path) -> None:

@@ -103,3 +103,11 @@ def test_a_broken_model_config_json_is_named(tmp_path, converted):
     (converted / "model_config.json").write_text(json.dumps({"d_model": 64}))
     with pytest.raises(UserError, match=r"ckpt/model_config\.json: missing field 'vocab_size'"):
         load_config(None, [f"init_from={converted}"])
+
+
+def test_a_global_batch_that_does_not_split_over_the_devices_is_one_line(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(YAML)  # 8 fake devices on fsdp: 4 rows cannot be split whole
+    argv = ["train", "--config", str(tmp_path / "run.yaml"), f"run_dir={tmp_path / 'run'}", "global_batch=4", "steps=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "global_batch (4) must be a multiple of data×fsdp = 8 devices" in err

@@ -275,3 +275,23 @@ def test_cli_prints_the_continuation_of_one_prompt_or_json_lines_of_many(gqa, tm
     assert capsys.readouterr().err == f"mellama generate: error: {tmp_path / 'bad.jsonl'}:2: {reason}\n"
     assert main(["generate", str(ckpt), "--prompt", "w5", "--top-p", "1.5"]) == 2
     assert capsys.readouterr().err == "mellama generate: error: top_p must be in (0, 1] (1 = off), got 1.5\n"
+
+
+def test_a_run_trained_from_scratch_on_data_tokenizer_generates_with_that_tokenizer(tmp_path, shared_data, capsys):
+    corpus = tmp_path / "notes.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"patient {i} given insulin for diabetes"}) + "\n" for i in range(40))
+    )
+    (tmp_path / "tok").mkdir()
+    shutil.copy(shared_data / "llama2_tokenizer.model", tmp_path / "tok" / "llama2.model")  # any file name
+    run = tmp_path / "run"
+    config = [f"run_dir={run}", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+              "model.head_dim=16", "model.ffn_dim=64", "model.max_seq_len=64", "model.dtype=float32", "seq_len=32",
+              "global_batch=8", "micro_batches=1", "steps=2", "checkpoint_every=2", "data.kind=cpt",
+              f"data.tokenizer={tmp_path / 'tok' / 'llama2.model'}",
+              f'data.sources=[{{"name": "notes", "paths": ["{corpus}"]}}]']  # fmt: skip
+    assert main(["train", *config]) == 0
+    assert (run / "tokenizer.model").read_bytes() == (shared_data / "llama2_tokenizer.model").read_bytes()
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "patient given", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
