@@ -325,24 +325,6 @@ def open_corpora(data: Sequence[str], tokenizer: str = "", text_field: str = "te
             else _raw(p, [p], "", text_field, "raise") for p in data]  # fmt: skip
 
 
-def _load_tasks(spec: str, data_dir: pathlib.Path, limit: int | None) -> dict[str, list]:
-    """Examples per task; with "all", tasks whose file is not in `data_dir` are skipped (credentialed sets)."""
-    from mellama_jax.evaluation.tasks import select
-
-    out = {}
-    for task in select(spec):
-        if spec.strip() == "all":
-            try:
-                task.find(data_dir)
-            except UserError:
-                log.warning("%s: no data in %s, skipped", task.name, data_dir)
-                continue
-        out[task.name] = task.load(data_dir, limit)
-    if not out:
-        raise UserError(f"{data_dir}: no data of any task")
-    return out
-
-
 def decontaminate(data: Sequence[str], tasks: str, data_dir: pathlib.Path, out: pathlib.Path, n: int = N,
                   limit: int | None = None, overwrite: bool = False, tokenizer: str = "", text_field: str = "text",
                   workers: int = 0) -> dict:  # fmt: skip
@@ -353,7 +335,9 @@ def decontaminate(data: Sequence[str], tasks: str, data_dir: pathlib.Path, out: 
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    index = build_index(_load_tasks(tasks, pathlib.Path(data_dir), limit), n)  # the eval side first: it is quick
+    from mellama_jax.evaluation.tasks import load_examples
+
+    index = build_index(load_examples(tasks, pathlib.Path(data_dir), limit), n)  # the eval side first: it is quick
     corpora = open_corpora(data, tokenizer, text_field)
     result = scan(index, corpora, workers or multiprocessing.cpu_count())
     settings = {"n": n, "min_words": min(n, MIN_WORDS), "normalisation": NORMALISATION, "hash": "64-bit",

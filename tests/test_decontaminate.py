@@ -305,7 +305,7 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, shared_data, tokeniz
         (["--data", corpus, "--tasks", "pubmedqa,nope"], "--tasks: unknown task 'nope'"),
         (["--data", corpus, "--out", str(report)], f"{report}: exists; pass --overwrite"),
         (["--data", corpus, "--data-dir", str(tmp_path)], f"pubmedqa: no data file in {tmp_path} (tried "),
-        (["--data", corpus, "--data-dir", str(tmp_path), "--tasks", "all"], f"{tmp_path}: no data of any task"),
+        (["--data", corpus, "--data-dir", str(tmp_path), "--tasks", "all"], f"{tmp_path}: no file of any task"),
         (["--data", corpus, "--limit", "0"], "--limit must be at least 1"),
     ]
     for args, message in cases:

@@ -156,3 +156,17 @@ def test_a_folder_of_something_else_is_not_written_into(checkpoint, data_dir, tm
     argv = ["eval", str(checkpoint), "--tasks", "ddi", "--data-dir", str(data_dir), "--out", str(out)]
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_all_skips_the_tasks_whose_data_is_absent_and_a_named_one_is_an_error(checkpoint, shared_data, tmp_path,
+                                                                              capsys):  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["eval", str(checkpoint), "--data-dir", str(shared_data / "medical"), "--limit", "2", "--max-new-tokens",
+            "2", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--tasks", "all"]) == 0
+    err = capsys.readouterr().err
+    assert "emrqa: no file in" in err and "mednli: no file in" in err
+    assert set(json.loads((out / "results.json").read_text())["tasks"]) == {
+        "pubmedqa", "medqa", "medqa_4opt", "medmcqa", "ddi", "hoc"}  # fmt: skip
+    assert main([*argv, "--tasks", "pubmedqa,emrqa"]) == 2
+    assert "emrqa: no data file in" in capsys.readouterr().err

@@ -162,6 +162,10 @@ class Task:
                 return data_dir / matches[0]
         raise UserError(f"{self.name}: no data file in {data_dir} (tried {', '.join(self.patterns)})")
 
+    def has_data(self, data_dir: pathlib.Path) -> bool:
+        """Whether any of the task's patterns matches in `data_dir` (a folder)."""
+        return any(_matches(c, p) for c in _candidates(pathlib.Path(data_dir)) for p in self.patterns)
+
     def rows(self, path: pathlib.Path) -> Iterator[Row]:
         """The records of the task's file; tasks with nested or multi-file formats override this."""
         return read_rows(path)

@@ -25,7 +25,7 @@ import shutil
 import tqdm
 
 from mellama_jax.errors import UserError
-from mellama_jax.evaluation.tasks import TASKS, Example, Task, select
+from mellama_jax.evaluation.tasks import TASKS, Example, Task, load_examples
 from mellama_jax.generate import Loaded, Sampling, apply_template, generate, load
 from mellama_jax.outdir import replace_file
 from mellama_jax.run_dir import RunLock, write_json
@@ -71,11 +71,8 @@ def evaluate(
         raise UserError(f"--out {out_dir}: names a folder (results.json and predictions/ are written inside it)")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    chosen = select(tasks)
-    examples = {task.name: task.load(pathlib.Path(data_dir), settings.limit) for task in chosen}  # before the model
-    for task in chosen:
-        if not examples[task.name]:
-            raise UserError(f"{task.find(pathlib.Path(data_dir))}: no examples for {task.name}")
+    examples = load_examples(tasks, pathlib.Path(data_dir), settings.limit)  # bad data fails before the model loads
+    chosen = [TASKS[name] for name in examples]
     excluded = _excluded(exclude_report, chosen, examples) if exclude_report else None
     previous = _check_out(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)

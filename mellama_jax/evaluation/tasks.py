@@ -13,13 +13,18 @@ mibe_gen.py; parsers.py and metrics.py hold what they share.
 
 from __future__ import annotations
 
+import logging
+import pathlib
+
 from mellama_jax.errors import UserError
 from mellama_jax.evaluation.base import Example, Task
 from mellama_jax.evaluation.mibe_class import DDI, BioNLI, HoC, MedNLI, MTSample
 from mellama_jax.evaluation.mibe_gen import I2B2, MimicCXR, PubMedSumm
 from mellama_jax.evaluation.mibe_qa import EmrQA, MedMCQA, MedQA, MedQA4, PubMedQA
 
-__all__ = ["TASKS", "Example", "Task", "select"]
+__all__ = ["TASKS", "Example", "Task", "load_examples", "select"]
+
+log = logging.getLogger(__name__)
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -49,3 +54,22 @@ def select(spec: str) -> list[Task]:
         what = f"unknown task {', '.join(repr(n) for n in unknown)}" if unknown else "no task given"
         raise UserError(f"--tasks: {what}; valid: all, {', '.join(TASKS)}")
     return [TASKS[n] for n in dict.fromkeys(names)]
+
+
+def load_examples(spec: str, data_dir: pathlib.Path, limit: int | None = None) -> dict[str, list[Example]]:
+    """Task name -> its first `limit` examples, for the tasks of `spec`. With "all", a task with no file in
+    `data_dir` is skipped with a warning (the credentialed sets are often absent); a named one is an error."""
+    data_dir = pathlib.Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a folder")
+    found = {}
+    for task in select(spec):
+        if spec.strip() == "all" and not task.has_data(data_dir):
+            log.warning("%s: no file in %s (tried %s), skipped", task.name, data_dir, ", ".join(task.patterns))
+            continue
+        found[task.name] = task.load(data_dir, limit)
+        if not found[task.name]:
+            raise UserError(f"{task.find(data_dir)}: no examples for {task.name}")
+    if not found:
+        raise UserError(f"--data-dir {data_dir}: no file of any task")
+    return found
