@@ -252,17 +252,26 @@ def table(results: dict) -> str:
         "paper parser: the first choice (in choice order) found in the output, as the paper's harness;"
         " strict: the first label at the start of the answer.",
         "",
-        "| task | metric | n | paper parser | strict parser | clean subset (n) | Me-LLaMA-70B-chat (paper) |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for task in TASKS.values():
-        entry = results["tasks"].get(task.name)
-        if entry is None:
-            continue
+    entries = [(task, results["tasks"][task.name]) for task in TASKS.values() if task.name in results["tasks"]]
+    with_clean = any("clean" in entry for _, entry in entries)  # the column only when a report was given
+    lines += [
+        "| task | metric | n | paper parser | strict parser |" + (" clean subset (n) |" if with_clean else "")
+        + " Me-LLaMA-70B-chat (paper) |",
+        "|---|---|---:|---:|---:|" + ("---:|" if with_clean else "") + "---:|",
+    ]  # fmt: skip
+    notes = []
+    for task, entry in entries:
         clean = entry.get("clean")
         for metric in task.metrics:
-            clean_cell = "" if clean is None else f"{_cell(clean.get('paper_parser', {}).get(metric))} ({clean['n']})"
-            lines.append(f"| {task.title} | {metric} | {entry['n']} | {_cell(entry['paper_parser'].get(metric))} |"
-                         f" {_cell(entry['strict_parser'].get(metric))} | {clean_cell} |"
-                         f" {_cell(entry['paper'].get(metric))} |")  # fmt: skip
+            cells = [task.title, metric, str(entry["n"]), _cell(entry["paper_parser"].get(metric)),
+                     _cell(entry["strict_parser"].get(metric))]  # fmt: skip
+            if with_clean:
+                cells.append(
+                    "" if clean is None else f"{_cell(clean.get('paper_parser', {}).get(metric))} ({clean['n']})"
+                )
+            lines.append("| " + " | ".join([*cells, _cell(entry["paper"].get(metric))]) + " |")
+        for metric, reason in entry["paper_parser"].get("skipped", {}).items():
+            notes.append(f"- {task.title} {metric} skipped: {reason}")
+    lines += ["", *notes] if notes else []
     return "\n".join(lines) + "\n"
