@@ -213,6 +213,15 @@ def _add_lm_eval(commands) -> None:
     lm_eval.set_defaults(run=_lm_eval)
 
 
+def _utf8(text: str, where: str) -> str:
+    """`text` as given, if it came from UTF-8 bytes (Python smuggles other bytes in as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: not UTF-8 text") from None
+    return text
+
+
 def _generate(args: argparse.Namespace) -> None:
     import json
 
@@ -220,13 +229,16 @@ def _generate(args: argparse.Namespace) -> None:
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if args.prompt is not None:
-        texts = [args.prompt]
+        texts = [_utf8(args.prompt, "--prompt")]
     elif args.prompts is not None:
         texts = read_prompts(args.prompts)
     elif sys.stdin.isatty():
         raise UserError("give a prompt: --prompt TEXT, --prompts FILE, or text on stdin")
     else:
-        texts = [sys.stdin.read().removesuffix("\n")]
+        try:
+            texts = [_utf8(sys.stdin.read().removesuffix("\n"), "stdin")]
+        except UnicodeDecodeError:  # a UTF-8 locale decodes strictly; others escape the bytes (caught by _utf8)
+            raise UserError("stdin: not UTF-8 text") from None
         if not texts[0].strip():
             raise UserError("stdin: no prompt")
     model = load(args.ckpt_dir, args.dtype)

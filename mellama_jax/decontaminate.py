@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -325,6 +326,14 @@ def open_corpora(data: Sequence[str], tokenizer: str = "", text_field: str = "te
             else _raw(p, [p], "", text_field, "raise") for p in data]  # fmt: skip
 
 
+def _check_inputs(out: pathlib.Path, corpus: Sequence[str], task_files: Sequence[pathlib.Path]) -> None:
+    """The report must not replace the corpus or the eval data it is about (--overwrite or not)."""
+    for given in [*corpus, *task_files]:
+        for path in [pathlib.Path(p) for p in glob.glob(str(given))] or [pathlib.Path(given)]:
+            if path.resolve() == out.resolve():
+                raise UserError(f"--out {out}: would replace the input {path}")
+
+
 def decontaminate(data: Sequence[str], tasks: str, data_dir: pathlib.Path, out: pathlib.Path, n: int = N,
                   limit: int | None = None, overwrite: bool = False, tokenizer: str = "", text_field: str = "text",
                   workers: int = 0) -> dict:  # fmt: skip
@@ -335,16 +344,22 @@ def decontaminate(data: Sequence[str], tasks: str, data_dir: pathlib.Path, out: 
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    from mellama_jax.evaluation.tasks import load_examples
+    from mellama_jax.evaluation.base import data_hash
+    from mellama_jax.evaluation.tasks import TASKS, load_examples
 
-    index = build_index(load_examples(tasks, pathlib.Path(data_dir), limit), n)  # the eval side first: it is quick
+    examples = load_examples(tasks, pathlib.Path(data_dir), limit)
+    index = build_index(examples, n)  # the eval side first: it is quick
+    files = {name: TASKS[name].find(pathlib.Path(data_dir)) for name in examples}
     corpora = open_corpora(data, tokenizer, text_field)
+    _check_inputs(out, [*data, *(p for c in corpora for p in c.description["paths"])], list(files.values()))
     result = scan(index, corpora, workers or multiprocessing.cpu_count())
     settings = {"n": n, "min_words": min(n, MIN_WORDS), "normalisation": NORMALISATION, "hash": "64-bit",
                 "data": list(data), "data_dir": str(data_dir), "limit": limit,
                 "corpus": [{**c.description, "skipped": result.skipped[c.name]} for c in corpora],
                 "documents": result.scanned, "words": result.words}  # fmt: skip
     report = {"kind": KIND, "settings": settings, "tasks": result.tasks()}
+    for name, entry in report["tasks"].items():  # what `mellama eval` checks: the ids are those of this file
+        entry.update(data_file=str(files[name]), data_sha256=data_hash(files[name]))
     if out.exists() and not overwrite:  # written by someone else while we scanned
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,11 @@
 a brute-force reference (sets of word tuples); disjoint text and 12-word overlaps give no hits; prepared shards,
 raw files and a training YAML give the same answer; memory does not grow with the corpus."""
 
+import hashlib
 import json
+import pathlib
 import re
+import shutil
 import tracemalloc
 
 import numpy as np
@@ -317,6 +320,17 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, shared_data, tokeniz
         assert error.startswith("mellama decontaminate: error: ") and message in error, error
         assert all(": WARNING: " in w and " skipped" in w for w in warnings), warnings
     assert report.read_text() == "mine" and not (tmp_path / "new.json").exists()
+    (tmp_path / "mibe").mkdir()  # a copy: a failing check must not write over the shared data
+    shutil.copy(shared_data / "medical" / "pubmedqa_pqal.sample40.jsonl", tmp_path / "mibe")
+    for inputs in (corpus, str(tmp_path / "mibe" / "pubmedqa_pqal.sample40.jsonl")):  # --overwrite or not
+        before = pathlib.Path(inputs).read_bytes()
+        assert main(["decontaminate", "--data", corpus, "--tasks", "pubmedqa", "--data-dir", str(tmp_path / "mibe"),
+                     "--out", inputs, "--overwrite"]) == 2  # fmt: skip
+        assert f"--out {inputs}: would replace the input" in capsys.readouterr().err
+        assert pathlib.Path(inputs).read_bytes() == before
     assert main(["decontaminate", "--data", corpus, "--tasks", "pubmedqa", "--data-dir", medical, "--out", str(report),
                  "--limit", "5", "--overwrite"]) == 0  # fmt: skip
-    assert json.loads(report.read_text())["tasks"]["pubmedqa"]["checked"] == 5
+    entry = json.loads(report.read_text())["tasks"]["pubmedqa"]
+    assert entry["checked"] == 5  # and the file its ids are of, for `mellama eval --exclude-contaminated` to check
+    data = (shared_data / "medical" / "pubmedqa_pqal.sample40.jsonl").read_bytes()
+    assert entry["data_sha256"] == f"sha256:{hashlib.sha256(data).hexdigest()}"

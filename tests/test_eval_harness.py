@@ -3,8 +3,10 @@ scikit-learn, resuming, the clean subset, refusals."""
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
+import socket
 
 import jax
 import numpy as np
@@ -16,8 +18,10 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from mellama_jax.checkpoint import save_params
 from mellama_jax.cli import main
 from mellama_jax.config import ModelConfig
+from mellama_jax.evaluation import harness
 from mellama_jax.evaluation.tasks import TASKS
 from mellama_jax.model import Llama
+from mellama_jax.run_dir import RunLock
 
 SYNTHETIC = pathlib.Path(__file__).parent / "data" / "mibe"
 # tasks whose metrics are accuracy and macro-F1 over single labels (DESIGN §2)
@@ -106,6 +110,8 @@ def test_a_rerun_reuses_finished_tasks_and_other_settings_are_refused(evaluated,
     assert main([*base[:-1], str(NEW_TOKENS + 1), "--tasks", "pubmedqa"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "other settings" in err and "--overwrite" in err
+    assert main([*base, "--tasks", "pubmedqa", "--dtype", "bfloat16"]) == 2  # other numbers: not the same outputs
+    assert "other settings" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (evaluated / "predictions").iterdir()} == before
 
 
@@ -122,7 +128,7 @@ def test_exclude_contaminated_scores_the_clean_subset_beside_the_full_one(checkp
             "--limit", "6", "--max-new-tokens", "2", "--exclude-contaminated", str(report)]  # fmt: skip
     assert main(argv) == 0
     entry = json.loads((out / "results.json").read_text())["tasks"]["pubmedqa"]
-    assert entry["clean"]["n"] == 4 and entry["clean"]["excluded"] == 2
+    assert entry["clean"]["n"] == 4 and entry["clean"]["excluded"] == 2 and entry["clean"]["report"] == str(report)
     kept = [r for r in rows(out, "pubmedqa") if r["id"] not in {e.id for e in examples[1:3]}]
     accuracy = accuracy_score([r["gold"] for r in kept], [r["parsed"] for r in kept])
     assert entry["clean"]["paper_parser"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
@@ -136,6 +142,7 @@ def test_exclude_contaminated_scores_the_clean_subset_beside_the_full_one(checkp
         (["--out", "results.json"], "names a folder"),
         (["--limit", "0"], "--limit"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--max-new-tokens", "511"], "leaves no room for a prompt in the model's 512 positions"),
     ],
 )
 def test_bad_arguments_are_one_line_errors_before_the_model_loads(checkpoint, data_dir, tmp_path, capsys, change,
@@ -170,3 +177,51 @@ def test_all_skips_the_tasks_whose_data_is_absent_and_a_named_one_is_an_error(ch
         "pubmedqa", "medqa", "medqa_4opt", "medmcqa", "ddi", "hoc"}  # fmt: skip
     assert main([*argv, "--tasks", "pubmedqa,emrqa"]) == 2
     assert "emrqa: no data file in" in capsys.readouterr().err
+
+
+def test_a_run_killed_before_its_first_task_finished_is_resumed(checkpoint, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()  # killed while loading the model: only its lock is left
+    (out / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 1, "started": "t"}))
+    argv = ["eval", str(checkpoint), "--tasks", "pubmedqa,ddi", "--data-dir", str(data_dir), "--out", str(out),
+            "--limit", "2", "--max-new-tokens", "2"]  # fmt: skip
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "_run_task", killed)  # killed during the first task
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert json.loads((out / "results.json").read_text())["tasks"] == {}
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert set(json.loads((out / "results.json").read_text())["tasks"]) == {"pubmedqa", "ddi"}
+
+
+def test_a_second_eval_into_the_same_folder_is_told_about_the_first(checkpoint, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = RunLock(out, "mellama eval writes this folder")
+    lock.acquire()  # the first eval, still loading its model: its folder holds only the lock
+    try:
+        argv = ["eval", str(checkpoint), "--tasks", "ddi", "--data-dir", str(data_dir), "--out", str(out)]
+        assert main(argv) == 2
+    finally:
+        lock.release()
+    assert f"{out}: another mellama eval writes this folder (pid {os.getpid()}" in capsys.readouterr().err
+
+
+def test_a_contamination_report_of_other_data_is_refused(checkpoint, data_dir, tmp_path, capsys):
+    report, other, corpus = tmp_path / "report.json", tmp_path / "other", tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "a training document"}) + "\n")
+    argv = ["decontaminate", "--data", str(corpus), "--tasks", "pubmedqa",
+            "--data-dir", str(data_dir), "--out", str(report), "--workers", "1"]  # fmt: skip
+    assert main(argv) == 0
+    other.mkdir()  # other rows under the same ids would be scored as clean or not by the wrong examples
+    lines = (data_dir / "pubmedqa_pqal.sample40.jsonl").read_text().splitlines(keepends=True)
+    (other / "pubmedqa.jsonl").write_text("".join(lines[5:]))
+    argv = ["eval", str(checkpoint), "--tasks", "pubmedqa", "--data-dir", str(other), "--out", str(tmp_path / "out"),
+            "--exclude-contaminated", str(report)]  # fmt: skip
+    assert main(argv) == 2
+    assert f"{report}: checked another pubmedqa file than {other / 'pubmedqa.jsonl'}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -275,6 +275,37 @@ def test_malformed_rows(tmp_path, name, rows, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("task", "name", "content", "message"),
+    [
+        ("pubmedqa", "pubmedqa_x.jsonl", b'{"pmid": "1"}\n{"pmid": "caf\xe9"}\n', "pubmedqa_x.jsonl:2: not UTF-8 text"),
+        ("emrqa", "emrqa_x.json", b'{"data": [\n{"title": "\xff"}]}', "emrqa_x.json:2: not UTF-8 text"),
+        (
+            "mtsample",
+            "mtsamples.csv",
+            b"medical_specialty,transcription\nSurgery,caf\xe9\n",
+            "mtsamples.csv:2: not UTF-8",
+        ),
+    ],
+)
+def test_files_that_are_not_utf8_are_one_line_errors_naming_the_line(tmp_path, task, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        TASKS[task].load(tmp_path)
+
+
+def test_hosted_ids_must_be_strings_or_integers_and_a_byte_order_mark_is_allowed(tmp_path):
+    row = {"query": "q", "answer": "yes", "choices": ["yes", "no"], "gold": 0}
+    _write_jsonl(tmp_path / "pubmedqa_x.jsonl", [{**row, "id": ["p1"]}])
+    with pytest.raises(UserError, match=r"pubmedqa_x.jsonl:1: field 'id' must be str or int, got list"):
+        TASKS["pubmedqa"].load(tmp_path)
+    (tmp_path / "pubmedqa_x.jsonl").write_text("\ufeff" + json.dumps({**row, "id": 7}) + "\n", encoding="utf-8")
+    assert TASKS["pubmedqa"].load(tmp_path)[0].id == "7"
+    csv = "\ufeff,description,medical_specialty,transcription\n12,d, Surgery,t\n"  # Excel's UTF-8 CSV
+    (tmp_path / "mtsamples.csv").write_text(csv, encoding="utf-8")
+    assert TASKS["mtsample"].load(tmp_path)[0].id == "12"
+
+
 def test_malformed_nested_files(tmp_path):
     (tmp_path / "emrqa_x.json").write_text('{"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "q"}]}]}]}')
     with pytest.raises(
@@ -286,8 +317,9 @@ def test_malformed_nested_files(tmp_path):
     notes.mkdir()
     (notes / "n1.txt").write_text("Pain in the chest .\n")
     (notes / "n1.con").write_text('c="pain" 1:0 1:0||t="problem"\nc="the lungs" 1:2 1:3||t="problem"\n')
-    with pytest.raises(UserError, match=r'n1.con:2: c="the lungs" does not match the note\'s tokens at 1:2'):
+    with pytest.raises(UserError, match=r"n1.con:2: the concept's words do not match the note's tokens at 1:2") as e:
         TASKS["i2b2"].load(tmp_path)
+    assert "lungs" not in str(e.value)  # no clinical text in messages
     (notes / "n1.con").write_text('c="pain" 1:0 1:0||t="problem"\nc="chest" 9:0 9:0||t="problem"\n')
     with pytest.raises(UserError, match=r"n1.con:2: offsets 9:0 9:0 are outside the note's text"):
         TASKS["i2b2"].load(tmp_path)

@@ -275,6 +275,12 @@ def test_cli_prints_the_continuation_of_one_prompt_or_json_lines_of_many(gqa, tm
     assert capsys.readouterr().err == f"mellama generate: error: {tmp_path / 'bad.jsonl'}:2: {reason}\n"
     assert main(["generate", str(ckpt), "--prompt", "w5", "--top-p", "1.5"]) == 2
     assert capsys.readouterr().err == "mellama generate: error: top_p must be in (0, 1] (1 = off), got 1.5\n"
+    # bytes that are not UTF-8 reach Python as lone surrogates (from argv, or stdin in a C locale)
+    assert main(["generate", str(ckpt), "--prompt", "caf\udce9"]) == 2
+    assert capsys.readouterr().err == "mellama generate: error: --prompt: not UTF-8 text\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("caf\udce9 w5\n"))
+    assert main(["generate", str(ckpt)]) == 2
+    assert capsys.readouterr().err == "mellama generate: error: stdin: not UTF-8 text\n"
 
 
 def test_a_run_trained_from_scratch_on_data_tokenizer_generates_with_that_tokenizer(tmp_path, shared_data, capsys):

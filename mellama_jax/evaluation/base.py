@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import pathlib
 from collections.abc import Iterator
@@ -70,11 +71,35 @@ class Row:
         return value
 
 
-def _json_rows(path: pathlib.Path) -> Iterator[Row]:
+def not_utf8(path: pathlib.Path) -> UserError:
+    """The error for a file whose bytes are not UTF-8 text, naming the line of the first bad byte."""
+    data = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return UserError(f"{path}:{line}: not UTF-8 text")
+    return UserError(f"{path}: not UTF-8 text")
+
+
+def read_text(path: pathlib.Path) -> str:
+    """A UTF-8 text file's content, without a leading byte-order mark; other bytes are a one-line error."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def read_json(path: pathlib.Path) -> Any:
+    """A JSON file's content; invalid JSON or text is a one-line error."""
+    try:
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _json_rows(path: pathlib.Path) -> Iterator[Row]:
+    data = read_json(path)
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         # PubMedQA's ori_pqal.json keys each row by its PMID.
         data = [{"_key": key, **value} for key, value in data.items()]
@@ -88,26 +113,32 @@ def _json_rows(path: pathlib.Path) -> Iterator[Row]:
 
 def _jsonl_rows(path: pathlib.Path) -> Iterator[Row]:
     index = 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(item, dict):
-                raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(item).__name__}")
-            yield Row(item, index, f"{path}:{line_no}")
-            index += 1
+    with path.open(encoding="utf-8-sig") as f:
+        try:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                if not isinstance(item, dict):
+                    raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(item).__name__}")
+                yield Row(item, index, f"{path}:{line_no}")
+                index += 1
+        except UnicodeDecodeError:  # the file is decoded in blocks: the line comes from its bytes
+            raise not_utf8(path) from None
 
 
 def _csv_rows(path: pathlib.Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        for index, item in enumerate(reader):
-            # empty cells read as None, as a missing JSON field would; line_num is the record's last line
-            yield Row({k: (v if v != "" else None) for k, v in item.items()}, index, f"{path}:{reader.line_num}")
+        try:
+            for index, item in enumerate(reader):
+                # empty cells read as None, as a missing JSON field would; line_num is the record's last line
+                yield Row({k: (v if v != "" else None) for k, v in item.items()}, index, f"{path}:{reader.line_num}")
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
 
 
 def read_rows(path: pathlib.Path) -> Iterator[Row]:
@@ -117,6 +148,18 @@ def read_rows(path: pathlib.Path) -> Iterator[Row]:
     if path.suffix in (".csv", ".tsv"):
         return _csv_rows(path)
     return _jsonl_rows(path)
+
+
+def data_hash(path: pathlib.Path) -> str:
+    """sha256 of a task's data: one file, or every file of a folder (i2b2) with its relative path."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode() + b"\0" if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _candidates(data_dir: pathlib.Path) -> list[str]:
@@ -195,7 +238,7 @@ class Task:
         text = row.data.get("text")
         gold, choices = self.hosted_gold(row)
         return Example(
-            id=str(row.data.get("id", row.index)),
+            id=str(row.get("id", (str, int)) if "id" in row.data else row.index),
             prompt=query,
             gold=gold,
             text=text if isinstance(text, str) and text.strip() else query,

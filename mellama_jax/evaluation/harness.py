@@ -5,7 +5,8 @@ parsed twice (the paper's substring parser and a strict one) and scored under bo
 
   predictions/<task>.jsonl  one row per example: id, prompt, output (and its token ids), parsed, parsed_strict, gold
   results.json              per task and metric under both parsers (and on the clean subset when a contamination
-                            report is given), the settings, the checkpoint and its fingerprint, library versions
+                            report is given), the settings and compute dtype, the checkpoint and its fingerprint,
+                            library versions
   results.md                the same as a table, Me-LLaMA-70B-chat's published numbers beside ours
 
 Each task's predictions are written as soon as it finishes, so an interrupted eval re-run with the same
@@ -15,7 +16,6 @@ checkpoint and settings picks up at the task it was in. Other settings are refus
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -24,11 +24,14 @@ import shutil
 
 import tqdm
 
+from mellama_jax.checkpoint import find_params
+from mellama_jax.config_file import read_model_config
 from mellama_jax.errors import UserError
+from mellama_jax.evaluation.base import data_hash
 from mellama_jax.evaluation.tasks import TASKS, Example, Task, load_examples
 from mellama_jax.generate import Loaded, Sampling, apply_template, generate, load
 from mellama_jax.outdir import replace_file
-from mellama_jax.run_dir import RunLock, write_json
+from mellama_jax.run_dir import LOCK, RunLock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ PARSERS = ("paper", "strict")  # the paper-compatible substring parser, and the 
 VERSIONS = ("mellama-jax", "jax", "jaxlib", "flax", "numpy", "scikit-learn", "seqeval", "rouge-score", "bert-score",
             "sentencepiece", "tokenizers")  # fmt: skip
 RESULTS, TABLE, PREDICTIONS = "results.json", "results.md", "predictions"
+# A run killed while loading the model leaves its lock, or while first writing results.json its partial file.
+_LEFTOVERS = {LOCK, f".{RESULTS}.partial"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,37 +78,58 @@ def evaluate(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     examples = load_examples(tasks, pathlib.Path(data_dir), settings.limit)  # bad data fails before the model loads
     chosen = [TASKS[name] for name in examples]
-    excluded = _excluded(exclude_report, chosen, examples) if exclude_report else None
-    previous = _check_out(out_dir, overwrite)
+    excluded = _excluded(exclude_report, chosen, examples, pathlib.Path(data_dir)) if exclude_report else None
+    _check_room(pathlib.Path(ckpt_dir), settings.sampling)  # before anything is written
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out_dir, "mellama eval writes this folder")
-    lock.acquire()
     try:
+        lock.acquire()
+    except OSError as e:  # a full or read-only disk: name the folder it happened in
+        raise OSError(e.errno, e.strerror, str(lock.path)) from e
+    try:
+        previous = _check_out(out_dir, overwrite)  # under the lock: an eval that just ended here may have written it
         model = load(ckpt_dir, dtype)
         identity = {"checkpoint": str(pathlib.Path(ckpt_dir).resolve()), "fingerprint": model.fingerprint,
-                    "settings": _settings(settings), "data_dir": str(pathlib.Path(data_dir).resolve())}  # fmt: skip
+                    "dtype": model.cfg.dtype, "settings": _settings(settings),
+                    "data_dir": str(pathlib.Path(data_dir).resolve())}  # fmt: skip
         if previous and {k: previous.get(k) for k in identity} != identity:
             if not overwrite:
                 raise UserError(f"{out_dir}: holds results of another checkpoint or other settings; pass --overwrite"
                                 " to replace them, or choose another --out")  # fmt: skip
             previous = None
+        # tasks evaluated earlier into this folder with the same settings stay in the results
+        results = {**identity, "versions": _versions(), "tasks": dict((previous or {}).get("tasks", {}))}
+        _save(out_dir, results)  # first: a run killed from here on is resumed as this folder's owner
         if previous is None:
             shutil.rmtree(out_dir / PREDICTIONS, ignore_errors=True)
         (out_dir / PREDICTIONS).mkdir(exist_ok=True)
-        # tasks evaluated earlier into this folder with the same settings stay in the results
-        results = {**identity, "versions": _versions(), "tasks": dict((previous or {}).get("tasks", {}))}
         for task in chosen:
             data_file = task.find(pathlib.Path(data_dir))
             rows = _reuse(out_dir, task, examples[task.name], previous, data_file)
             if rows is None:
                 rows = _run_task(model, task, examples[task.name], settings, batch_size)
                 _write_rows(out_dir / PREDICTIONS / f"{task.name}.jsonl", rows)
-            results["tasks"][task.name] = _scores(task, examples[task.name], rows, excluded, data_file)
-            write_json(out_dir / RESULTS, results)
-            replace_file(out_dir / TABLE, table(results).encode())
+            results["tasks"][task.name] = _scores(task, examples[task.name], rows, exclude_report, excluded, data_file)
+            _save(out_dir, results)
         return results
     finally:
         lock.release()
+
+
+def _save(out_dir: pathlib.Path, results: dict) -> None:
+    write_json(out_dir / RESULTS, results)
+    replace_file(out_dir / TABLE, table(results).encode())
+
+
+def _check_room(ckpt_dir: pathlib.Path, sampling: Sampling) -> None:
+    """The model's positions must hold a prompt (at least BOS and one token) and `max_new_tokens` answer tokens."""
+    find_params(ckpt_dir)  # a folder that is not a checkpoint is named as such, not as lacking a model_config.json
+    positions = read_model_config(ckpt_dir / "model_config.json").max_seq_len
+    if positions - sampling.max_new_tokens < 2:
+        raise UserError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt"
+                        f" in the model's {positions} positions")  # fmt: skip
 
 
 def _settings(settings: EvalSettings) -> dict:
@@ -121,10 +147,9 @@ def _versions() -> dict[str, str | None]:
 
 
 def _check_out(out_dir: pathlib.Path, overwrite: bool) -> dict | None:
-    """The results already in `out_dir` (a folder of ours), None if it is new; a folder of something else is refused."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: exists and is not a folder")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    """The results already in `out_dir` (a folder of ours), None if it is new (or holds only what a run killed
+    before its first write leaves); a folder of something else is refused."""
+    if not any(p.name not in _LEFTOVERS for p in out_dir.iterdir()):
         return None
     results = out_dir / RESULTS
     try:
@@ -140,39 +165,31 @@ def _check_out(out_dir: pathlib.Path, overwrite: bool) -> dict | None:
     return previous
 
 
-def _excluded(report: pathlib.Path, tasks: list[Task], examples: dict[str, list[Example]]) -> dict[str, set[str]]:
+def _excluded(report: pathlib.Path, tasks: list[Task], examples: dict[str, list[Example]], data_dir: pathlib.Path):
+    """Task name -> the ids `report` found contaminated; a report of other data for a task is refused."""
     from mellama_jax.decontaminate import contaminated_ids
 
     found = contaminated_ids(pathlib.Path(report))
-    checked = {
-        name: entry.get("checked") for name, entry in json.loads(pathlib.Path(report).read_text())["tasks"].items()
-    }
+    entries = json.loads(pathlib.Path(report).read_text())["tasks"]
     for task in tasks:
+        entry, data_file = entries.get(task.name, {}), task.find(data_dir)
+        checked = entry.get("checked")
         if task.name not in found:
             log.warning("%s has no entry for %s: no clean-subset score for it", report, task.name)
-        elif isinstance(checked[task.name], int) and checked[task.name] < len(examples[task.name]):
+        elif "data_sha256" in entry and entry["data_sha256"] != data_hash(data_file):
+            raise UserError(f"{report}: checked another {task.name} file than {data_file} (sha256 differs), whose ids"
+                            " may name other examples; run mellama decontaminate on this --data-dir")  # fmt: skip
+        elif isinstance(checked, int) and checked < len(examples[task.name]):
             log.warning("%s checked only the first %d %s examples (--limit?); the other %d count as clean", report,
-                        checked[task.name], task.name, len(examples[task.name]) - checked[task.name])  # fmt: skip
+                        checked, task.name, len(examples[task.name]) - checked)  # fmt: skip
     return found
-
-
-def _data_hash(path: pathlib.Path) -> str:
-    """sha256 of a task's data: one file, or every file of a folder (i2b2) with its relative path."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path)).encode() + b"\0" if path.is_dir() else b"")
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def _reuse(out_dir, task: Task, examples: list[Example], previous: dict | None, data_file) -> list[dict] | None:
     """A finished task's predictions from an earlier run with the same settings and the same data file."""
     done = (previous or {}).get("tasks", {}).get(task.name)
     path = out_dir / PREDICTIONS / f"{task.name}.jsonl"
-    if not done or done.get("data_sha256") != _data_hash(data_file) or not path.is_file():
+    if not done or done.get("data_sha256") != data_hash(data_file) or not path.is_file():
         return None
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -201,9 +218,6 @@ def _run_task(model: Loaded, task: Task, examples: list[Example], settings: Eval
     shots = [examples[(i + 1) % n] if settings.shots and n > 1 else None for i in range(n)]
     prompts = [task.prompt(e, shot) for e, shot in zip(examples, shots, strict=True)]
     room = model.cfg.max_seq_len - settings.sampling.max_new_tokens
-    if room < 2:
-        raise UserError(f"--max-new-tokens {settings.sampling.max_new_tokens} leaves no room for a prompt"
-                        f" in the model's {model.cfg.max_seq_len} positions")  # fmt: skip
     ids, cut = _prompt_ids(model, [apply_template(p, settings.template) for p in prompts], room)
     if cut:
         log.warning("%s: %d of %d prompts exceed %d tokens; their beginnings were cut", task.name, cut, n, room)
@@ -222,13 +236,13 @@ def _write_rows(path: pathlib.Path, rows: list[dict]) -> None:
     replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
-def _scores(task: Task, examples: list[Example], rows: list[dict], excluded, data_file) -> dict:
-    entry = {"title": task.title, "data_file": str(data_file), "data_sha256": _data_hash(data_file), "n": len(rows)}
+def _scores(task: Task, examples: list[Example], rows: list[dict], report, excluded, data_file) -> dict:
+    entry = {"title": task.title, "data_file": str(data_file), "data_sha256": data_hash(data_file), "n": len(rows)}
     entry["paper_parser"] = task.score(examples, [r["parsed"] for r in rows])
     entry["strict_parser"] = task.score(examples, [r["parsed_strict"] for r in rows])
     if excluded is not None and task.name in excluded:
         keep = [i for i, e in enumerate(examples) if e.id not in excluded[task.name]]
-        entry["clean"] = {"n": len(keep), "excluded": len(rows) - len(keep)}
+        entry["clean"] = {"report": str(report), "n": len(keep), "excluded": len(rows) - len(keep)}
         if keep:
             entry["clean"]["paper_parser"] = task.score([examples[i] for i in keep], [rows[i]["parsed"] for i in keep])
     entry["paper"] = dict(task.paper)
@@ -248,7 +262,7 @@ def table(results: dict) -> str:
         f"# MIBE results: {results['checkpoint']}",
         "",
         f"{settings['shots']}-shot, {decoding}, up to {sampling['max_new_tokens']} new tokens, stop at EOS;"
-        f" template {settings['template']}; fingerprint `{results['fingerprint']}`.",
+        f" template {settings['template']}; {results['dtype']} compute; fingerprint `{results['fingerprint']}`.",
         "paper parser: the first choice (in choice order) found in the output, as the paper's harness;"
         " strict: the first label at the start of the answer.",
         "",

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 
 from mellama_jax.errors import UserError
-from mellama_jax.evaluation.base import Example, Row, read_rows
+from mellama_jax.evaluation.base import Example, Row, read_rows, read_text
 from mellama_jax.evaluation.kinds import NERTask, SummaryTask
 
 _I2B2 = (
@@ -44,7 +44,7 @@ _CONCEPT = re.compile(r'^c="(.*)"\s+(\d+):(\d+)\s+(\d+):(\d+)\|\|t="(\w+)"\s*$')
 def _concepts(con: pathlib.Path, lines: list[str]) -> dict[int, list[tuple[int, int, str]]]:
     """The concepts of one note by line number: (first token, last token, type), checked against the text."""
     by_line: dict[int, list[tuple[int, int, str]]] = {}
-    for number, entry in enumerate(con.read_text(encoding="utf-8").splitlines(), 1):
+    for number, entry in enumerate(read_text(con).splitlines(), 1):
         if not entry.strip():
             continue
         match = _CONCEPT.match(entry.strip())
@@ -56,7 +56,8 @@ def _concepts(con: pathlib.Path, lines: list[str]) -> dict[int, list[tuple[int, 
         if end_line != line or not 0 <= first <= last < len(tokens):
             raise UserError(f"{con}:{number}: offsets {line}:{first} {end_line}:{last} are outside the note's text")
         if " ".join(tokens[first : last + 1]).lower() != words.lower():
-            raise UserError(f'{con}:{number}: c="{words}" does not match the note\'s tokens at {line}:{first}')
+            # the words stay out of the message: they are a clinical note's text
+            raise UserError(f"{con}:{number}: the concept's words do not match the note's tokens at {line}:{first}")
         by_line.setdefault(line, []).append((first, last, kind))
     return by_line
 
@@ -97,7 +98,7 @@ class I2B2(NERTask):
         for note in notes:
             if note.stem not in concept_files:
                 raise UserError(f"{note}: no concept file {note.stem}.con below {path}")
-            lines = note.read_text(encoding="utf-8").split("\n")
+            lines = read_text(note).split("\n")
             concepts = _concepts(concept_files[note.stem], lines)
             for number, line in enumerate(lines, 1):
                 tokens = line.split()

@@ -8,12 +8,11 @@ is a faithful equivalent in the same TASK / INPUT / OUTPUT layout.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Iterator
 
 from mellama_jax.errors import UserError
-from mellama_jax.evaluation.base import Example, Row, read_rows
+from mellama_jax.evaluation.base import Example, Row, read_json, read_rows
 from mellama_jax.evaluation.kinds import ChoiceTask, SpanTask
 
 _PUBMEDQA = (
@@ -145,10 +144,7 @@ class EmrQA(SpanTask):
         if path.suffix != ".json":
             yield from read_rows(path)
             return
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise UserError(f"{path}: expected SQuAD-style JSON with a 'data' list")
         index = 0
