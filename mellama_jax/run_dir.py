@@ -101,9 +101,15 @@ class RunLock:
         if holder:
             log.warning("%s: taking over a stale lock (%s, which is gone)", self.path, _describe(holder))
         mine = {"host": host, "pid": os.getpid(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as e:  # a full disk: leave no empty lock and no open descriptor behind
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         self.fd = fd
         threading.Thread(target=self._beat, daemon=True, name="run.lock heartbeat").start()
 

@@ -4,6 +4,7 @@ The full disk is a 2 MiB tmpfs and the read-only folder a read-only tmpfs (read-
 chmod is not); mounting needs root, and the tests that need a mount are skipped without it.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -166,3 +167,23 @@ def test_a_read_only_run_dir_is_refused_in_one_line(tmp_path, read_only, capsys)
     (tmp_path / "run.yaml").write_text(TRAIN)
     assert main(["train", "--config", str(tmp_path / "run.yaml"), f"run_dir={read_only / 'run'}"]) == 2
     assert capsys.readouterr().err == f"mellama train: error: {read_only / 'run'}: {os.strerror(30)}\n"
+
+
+def test_a_lock_that_cannot_be_written_leaves_no_empty_lock_file(small_disk):
+    from mellama_jax.run_dir import RunLock
+
+    run = small_disk / "run"
+    run.mkdir()
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):  # fill the disk to the last block
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    lock = RunLock(run)
+    with pytest.raises(OSError, match="No space left") as error:
+        lock.acquire()
+    assert error.value.filename == str(run / "run.lock") and not (run / "run.lock").exists()
+    filler.unlink()
+    lock.acquire()  # room again: taken as if nothing had happened
+    lock.release()
