@@ -369,6 +369,10 @@ class TrainConfig:
                 if getattr(held, name) != getattr(DataConfig, name):
                     raise UserError(f"eval_data.{name} does not apply: every evaluation reads each document once"
                                     " (eval_batches bounds it)")  # fmt: skip
+            if held.kind == self.data.kind == "sft" and held.template != self.data.template:  # left out, it is me-llama
+                raise UserError(f"eval_data.template ({held.template!r}) differs from data.template"
+                                f" ({self.data.template!r}): validation would wrap prompts unlike training; set"
+                                f" eval_data.template: {self.data.template}")  # fmt: skip
         if self.eval_every and held is None and not self.data.heldout:
             raise UserError(
                 "eval_every: nothing to evaluate on; give eval_data (held-out sources) or data.heldout"

@@ -50,7 +50,7 @@ from mellama_jax.run_dir import (
 )
 from mellama_jax.sharding import batch_sharding, make_mesh, process_rows
 from mellama_jax.train import TrainState, abstract_state, compile_step, init_state, schedule
-from mellama_jax.validation import Evaluator, due
+from mellama_jax.validation import Evaluator, due, warn_if_changed
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ def _run(cfg: TrainConfig, run_dir: pathlib.Path, lead: bool) -> list[dict]:
     outputs: list[MetricsLog] = []
     together(lambda: outputs.append(_start_outputs(cfg, run_dir, start, lead)))
     metrics_log = outputs[0]
+    if evaluators[0] is not None:
+        warn_if_changed(metrics_log.evals, evaluators[0].set)
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not lead, unit="step")
@@ -215,8 +217,8 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
 
     A validation comes after its step's flags, so that the last step (which only they tell) gets one, and
     before its checkpoint: a checkpointed step never lacks its validation row, and a step redone after a
-    kill had none kept. A signal skips it (the grace time is for the save); the resumed run then does it
-    first, as it does for step 0 and for any other due step whose row is missing.
+    kill had none kept. A signal skips it, or cuts it short (the grace time is for the save); the resumed run
+    then does it first, as it does for step 0 and for any other due step whose row is missing.
     """
     step_fn, batch_sh = compile_step(cfg, mesh), batch_sharding(mesh)
     flops, peak = train_flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch * cfg.seq_len, _peak_flops(cfg)
@@ -237,8 +239,11 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
 
     shown_val: dict[str, str] = {}
 
-    def validate(step: int, params: dict) -> None:
-        row, failure = evaluator(step, params, exchange), None
+    def validate(step: int, params: dict) -> bool:  # False: a signal cut it short
+        row, failure = evaluator(step, params, exchange, stop), None
+        if row is None:
+            log.warning("signal: the validation of step %d is cut short; the resumed run does it first", step)
+            return False
         try:
             metrics_log.write(row)
         except OSError as e:
@@ -247,6 +252,7 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
         log.info("step %d: validation loss %.4f, perplexity %.4g, over %d tokens",
                  step, row["val_loss"], row["val_ppl"], row["val_tokens"])  # fmt: skip
         shown_val["val"] = f"{row['val_loss']:.4f}"
+        return True
 
     batch, failure, plot = None, None, False
     try:
@@ -258,8 +264,8 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
         log.warning("the data ended at step %d; nothing left to train on", start)
     # a due step without its validation row (step 0, or one a signal stopped at); process 0 alone has the log
     missing = metrics_log.enabled and not metrics_log.validated(start)
-    if evaluator is not None and due(cfg, start) and exchange(None, missing)[0]:
-        validate(start, state.params)
+    if evaluator is not None and due(cfg, start) and exchange(None, missing)[0] and not validate(start, state.params):
+        return  # stopped by a signal: nothing new to save
     tick = time.perf_counter()
     for step in range(start, start if ended else cfg.steps):
         state, metrics = step_fn(state, batch)  # dispatched: the device runs it while the host goes on
@@ -284,7 +290,8 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
         signalled, ended = exchange(failure, bool(stop), batch is None and step + 1 < cfg.steps)
         last = signalled or ended or step + 1 == cfg.steps
         if evaluator is not None and not signalled and (last or due(cfg, step + 1)):
-            validate(step + 1, state.params)
+            signalled = not validate(step + 1, state.params)
+            last = last or signalled
             tick = time.perf_counter()  # its time is no training step's
         plot = save_checkpoint(manager, step + 1, state, data_state, force=last)
         if signalled:

@@ -1,8 +1,9 @@
 """Where a run's metrics go: `metrics.jsonl` (one object per step), TensorBoard events, and `loss.png`.
 
 Rows are of two kinds, told apart by their keys: a training step's (`loss`, `grad_norm`, `lr`, ...), and a
-validation's (`val_loss`, `val_ppl`, `val_tokens`; validation.py), which follows its step's training row
-(step 0's comes first). In TensorBoard they are `train/...` and `val/...`; `loss.png` draws both losses.
+validation's (`val_loss`, `val_ppl`, `val_tokens`, and `val_set`, which names the eval set; validation.py),
+which follows its step's training row (step 0's comes first). In TensorBoard they are `train/...` and
+`val/...`; `loss.png` draws both losses, the validation's one line per eval set.
 
 The history survives kills. On resume, `metrics.jsonl` is rewritten beside itself and renamed into place
 with every row up to the restored step (rows after it were never checkpointed, so they are redone), then
@@ -56,14 +57,18 @@ class EventFile:
         folder.mkdir(parents=True, exist_ok=True)
         found = sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
         path = found[-1] if found else folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        if path.exists():
-            os.truncate(path, _whole_records(path.read_bytes()))
+        whole = _whole_records(path.read_bytes()) if found else 0
+        if found:
+            os.truncate(path, whole)
         self.file = open(path, "ab")  # noqa: SIM115 - held open for the run, closed in close()
-        if not found:
+        # A file a kill left empty gets its version record too: without it, TensorBoard ignores restart events
+        # and shows the redone steps twice.
+        if not whole:
             self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         else:  # on a restart event, TensorBoard drops the events of steps >= its step: those are being redone
             restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
             self._write(event_pb2.Event(wall_time=time.time(), step=start_step + 1, session_log=restart))
+        self.file.flush()
 
     def _write(self, event) -> None:
         data = event.SerializeToString()
@@ -136,7 +141,7 @@ class MetricsLog:
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.file.name) from e
         tag = (lambda k: k.replace("val_", "val/", 1)) if validation else (lambda k: f"train/{k}")
-        finite = {tag(k): v for k, v in row.items() if k != "step" and v is not None and math.isfinite(v)}
+        finite = {tag(k): v for k, v in row.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
         self.events.scalars(row["step"], finite)
 
     def validated(self, step: int) -> bool:
@@ -163,9 +168,16 @@ class MetricsLog:
         steps = [row["step"] for row in self.rows]
         figure, loss_axis = plt.subplots(figsize=(8, 4.5))
         lines = loss_axis.plot(steps, [row["loss"] for row in self.rows], color="tab:blue", label="training loss")
-        if self.evals:
-            lines += loss_axis.plot([row["step"] for row in self.evals], [row["val_loss"] for row in self.evals],
-                                    "o-", color="tab:green", markersize=4, label="validation loss")  # fmt: skip
+        sets = [[]]  # runs of rows of one eval set: a resume with another one starts a new line
+        for row in self.evals:
+            if sets[-1] and row.get("val_set") != sets[-1][-1].get("val_set"):
+                sets.append([])
+            sets[-1].append(row)
+        for i, rows in enumerate(sets if self.evals else []):
+            label = "validation loss" + (f" (another eval set from step {rows[0]['step']})" if i else "")
+            color = "tab:green" if i % 2 == 0 else "tab:olive"
+            lines += loss_axis.plot([row["step"] for row in rows], [row["val_loss"] for row in rows], "o-",
+                                    color=color, markersize=4, label=label)  # fmt: skip
         loss_axis.set(xlabel="step", ylabel="loss", yscale="log")
         lr_axis = loss_axis.twinx()
         lines += lr_axis.plot(steps, [row["lr"] for row in self.rows], color="tab:orange", label="learning rate")

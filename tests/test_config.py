@@ -160,6 +160,9 @@ SOURCES = "[{name: held, paths: [held.jsonl]}]"
         (["eval_data.kind=cpt", f"eval_data.sources={SOURCES}", "eval_data.heldout=0.1"], r"eval_data.heldout does n"),
         (["eval_data.colour=red"], r"unknown key 'eval_data.colour'"),
         (["eval_data=[held.jsonl]"], r"'eval_data' must be a section"),
+        (["data.kind=sft", f"data.sources={SOURCES}", "data.template=llama2-chat", "eval_data.kind=sft",
+          f"eval_data.sources={SOURCES}"], r"eval_data.template \('me-llama'\) differs from data.template"
+         r" \('llama2-chat'\): validation would wrap prompts unlike training; set eval_data.template: llama2-chat"),
     ],
 )  # fmt: skip
 def test_bad_validation_settings_are_one_line_errors(overrides, message):

@@ -173,6 +173,35 @@ def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"mellama lm-eval: error: {tmp_path / 'missing'}")
 
 
+def test_unknown_model_args_and_tasks_are_one_line_errors(tmp_path, capsys):
+    local = ["--include_path", str(DATA), "--tasks"]
+    bad_arg = ["--model_args", f"ckpt={tmp_path},pretrained=gpt2", *local, "mellama_tiny_mc"]
+    assert main(["lm-eval", "--model", "mellama", *bad_arg]) == 2  # was lm-eval's raw TypeError
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "mellama lm-eval: error: lm-eval model_args: unknown pretrained (known: ckpt, dtype, max_length, max_gen_toks)"
+    )
+    bad_task = ["--model_args", f"ckpt={tmp_path}", *local, "mellama_tiny_mc,no_such_task"]
+    assert main(["lm-eval", "--model", "mellama", *bad_task]) == 2  # was lm-eval's raw ValueError
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "mellama lm-eval: error: lm-eval --tasks: Tasks not found: no_such_task (list them with: mellama lm-eval ls"
+        " tasks)"
+    )
+
+
+def test_a_dataset_out_of_reach_offline_is_a_one_line_error(monkeypatch, capsys):
+    import lm_eval.__main__
+
+    def offline():  # what datasets raises for a task whose data is neither cached nor reachable
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", offline)
+    assert main(["lm-eval", "--model", "mellama", "--tasks", "arc_easy"]) == 2  # was a raw traceback
+    assert capsys.readouterr().err == (
+        "mellama lm-eval: error: lm-eval: Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError);"
+        " offline, only datasets already cached can run\n"
+    )
+
+
 def test_without_lm_eval_the_package_imports_and_the_command_says_what_to_install(monkeypatch, capsys):
     blocked = "import sys; sys.modules['lm_eval'] = None; import mellama_jax.cli, mellama_jax.generate"
     assert subprocess.run([sys.executable, "-c", blocked], capture_output=True, timeout=120).returncode == 0

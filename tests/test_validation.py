@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from mellama_jax import loop
 from mellama_jax.checkpoint import restore_params
 from mellama_jax.cli import main
 from mellama_jax.config import DataConfig, ModelConfig, SourceConfig, TrainConfig
@@ -23,6 +25,7 @@ from mellama_jax.data.packing import held_out
 from mellama_jax.data.sft import encode, sft_batches, turns
 from mellama_jax.data.tokenizer import load_tokenizer
 from mellama_jax.errors import UserError
+from mellama_jax.metrics_log import MetricsLog
 from mellama_jax.sharding import make_mesh
 from mellama_jax.train import init_state
 from mellama_jax.validation import Evaluator, eval_batches
@@ -158,6 +161,23 @@ def test_every_evaluation_reads_the_same_bounded_batches(tmp_path, tokenizer_pat
     assert first["val_ppl"] == pytest.approx(math.exp(first["val_loss"]), rel=1e-12)
 
 
+def test_errors_in_the_eval_data_name_eval_data_not_data(tmp_path, tokenizer_path):
+    folder = tmp_path / "data.kind"  # a path that reads like a data field stays as it is
+    folder.mkdir()
+    held = write_jsonl(folder / "held.jsonl", [{"text": "aspirin for fever"}, {"note": "no text field"}])
+    cfg = dataclasses.replace(
+        cpt_config(tmp_path, tokenizer_path), eval_every=1,
+        eval_data=DataConfig(kind="cpt", sources=(SourceConfig(name="held", paths=(held,)),)),
+    )  # fmt: skip
+    evaluator = Evaluator(cfg, make_mesh(cfg.mesh, jax.devices()[:4]))
+    with pytest.raises(UserError) as raised:
+        evaluator(0, init_state(cfg, make_mesh(cfg.mesh, jax.devices()[:4])).params, exchange)
+    assert str(raised.value) == f"{held}:2: no 'text' field (set eval_data.on_error: skip to skip such records)"
+    raw = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=""))  # and the tokenizer it lacks
+    with pytest.raises(UserError, match=r"^eval_data.tokenizer: source held is raw text; name a tokenizer"):
+        eval_batches(raw, 0, 4)
+
+
 def targets(batch) -> int:
     """Target tokens of a CPT batch: every next token of the same segment (none across a row's end)."""
     segments = batch["segment_ids"]
@@ -276,6 +296,59 @@ def test_a_resumed_run_neither_loses_nor_repeats_validation_rows(straight, tmp_p
         (6, True),
     ]  # fmt: skip
     assert again[6] == rows_4[-1]  # step 4's validation, done at the restart, is the one the straight run logged
+
+
+def test_a_resume_that_validates_on_another_set_says_so_and_keeps_the_earlier_rows_apart(straight, tmp_path, capsys):
+    folder, rows = straight
+    shutil.copytree(folder / "run", tmp_path / "run")
+    for step in (4, 5):
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / str(step))
+    assert main(["train", "--config", str(folder / "run.yaml"), f"run_dir={tmp_path / 'run'}", "eval_batches=1"]) == 0
+    assert (
+        "WARNING: validation: the eval data or its batching (eval_data, data.heldout, eval_batches, global_batch,"
+        " seq_len) changed since step 2's validation: val_loss from here on does not compare" in capsys.readouterr().err
+    )
+    evals = [r for r in rows_of(tmp_path / "run") if "val_loss" in r]
+    assert evals[:2] == [r for r in rows if "val_loss" in r][:2]  # kept as they were
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]
+    assert len({r["val_set"] for r in evals[:2]}) == len({r["val_set"] for r in evals[2:]}) == 1
+    assert evals[1]["val_set"] != evals[2]["val_set"] and evals[2]["val_tokens"] < evals[1]["val_tokens"]
+
+
+def test_an_event_file_a_kill_left_empty_still_drops_the_redone_steps(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"")  # killed before its first flush
+    row = lambda step: {"step": step, "loss": float(step), "lr": 0.1}  # noqa: E731
+    for start, steps in ((0, (1, 2)), (1, (2, 3))):  # killed after step 2, resumed from step 1's checkpoint
+        metrics = MetricsLog(tmp_path, start)
+        for step in steps:
+            metrics.write(row(step))
+        metrics.events.close()  # as a kill leaves it: no plot
+    reader = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    reader.Reload()
+    assert [s.step for s in reader.Scalars("train/loss")] == [1, 2, 3]  # was [1, 2, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_validation_cuts_it_short_and_the_resumed_run_does_it(straight, tmp_path, monkeypatch):
+    folder, rows = straight
+    config = ["--config", str(folder / "run.yaml"), f"run_dir={tmp_path / 'run'}"]
+
+    class SignalledAt2(loop.Evaluator):  # SIGTERM (as from a scheduler) arrives while step 2 is evaluated
+        def __call__(self, step, params, exchange, stop=()):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(step, params, exchange, stop)
+
+    monkeypatch.setattr(loop, "Evaluator", SignalledAt2)
+    assert main(["train", *config]) == 0
+    assert max(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == 2  # saved there, at once
+    assert [(r["step"], "val_loss" in r) for r in rows_of(tmp_path / "run")] == [(0, True), (1, False), (2, False)]
+    monkeypatch.undo()
+    assert main(["train", *config]) == 0
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert untimed(rows_of(tmp_path / "run")) == untimed(rows)  # step 2 validated first, then as the straight run
 
 
 TWO_PROCESSES = """

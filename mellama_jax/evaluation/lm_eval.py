@@ -97,8 +97,12 @@ class MellamaLM(TemplateLM):
         device: str | None = None,
         max_batch_size: int | None = None,
         loaded: generate.Loaded | None = None,
+        **unknown: Any,
     ):
         super().__init__()
+        if unknown:  # lm-eval would pass them on as a raw TypeError
+            known = "ckpt, dtype, max_length, max_gen_toks"
+            raise UserError(f"lm-eval model_args: unknown {', '.join(sorted(unknown))} (known: {known})")
         if (ckpt is None) == (loaded is None):
             raise UserError("lm-eval model_args: give ckpt=CKPT_DIR (a converted checkpoint or a training run)")
         if str(batch_size).startswith("auto"):
@@ -274,5 +278,11 @@ def main(argv: list[str]) -> None:
     saved, sys.argv = sys.argv, ["lm-eval", *argv]  # lm-eval's parser reads sys.argv itself
     try:
         cli_evaluate()
+    except ValueError as e:  # lm-eval's own word for a task name it does not know; other ValueErrors are bugs
+        if not str(e).startswith("Tasks not found:"):
+            raise
+        raise UserError(f"lm-eval --tasks: {e} (list them with: mellama lm-eval ls tasks)") from None
+    except ConnectionError as e:  # a task's dataset is fetched from the Hugging Face Hub unless already cached
+        raise UserError(f"lm-eval: {str(e).splitlines()[0]}; offline, only datasets already cached can run") from None
     finally:
         sys.argv = saved
