@@ -8,7 +8,8 @@
         scores = task.score(examples, predictions)  # {"accuracy": ..., "macro_f1": ...}
 
 `Example`, `Task` and the task kinds live in base.py / kinds.py; the datasets in mibe_qa.py, mibe_class.py and
-mibe_gen.py; parsers.py and metrics.py hold what they share.
+mibe_gen.py; parsers.py and metrics.py hold what they share. The registry also holds the demo corpus's tasks
+(demo_tasks.py, `suite = "demo"`); "all" means the MIBE tasks only.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import pathlib
 
 from mellama_jax.errors import UserError
 from mellama_jax.evaluation.base import Example, Task
+from mellama_jax.evaluation.demo_tasks import DemoMC, DemoShort, DemoYesNo
 from mellama_jax.evaluation.mibe_class import DDI, BioNLI, HoC, MedNLI, MTSample
 from mellama_jax.evaluation.mibe_gen import I2B2, MimicCXR, PubMedSumm
 from mellama_jax.evaluation.mibe_qa import EmrQA, MedMCQA, MedQA, MedQA4, PubMedQA
 
-__all__ = ["TASKS", "Example", "Task", "load_examples", "select"]
+__all__ = ["MIBE", "TASKS", "Example", "Task", "load_examples", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +44,17 @@ TASKS: dict[str, Task] = {
         MimicCXR(),
         BioNLI(),
         MedNLI(),
+        DemoMC(),
+        DemoYesNo(),
+        DemoShort(),
     )
 }
+MIBE = tuple(name for name, task in TASKS.items() if getattr(task, "suite", "mibe") == "mibe")  # what "all" selects
 
 
 def select(spec: str) -> list[Task]:
-    """The tasks named in `spec` ("all" or comma-separated names), in the order given, without repeats."""
-    names = list(TASKS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    """The tasks named in `spec` ("all": the MIBE tasks; or comma-separated names), in order, without repeats."""
+    names = list(MIBE) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         what = f"unknown task {', '.join(repr(n) for n in unknown)}" if unknown else "no task given"

@@ -1,0 +1,60 @@
+"""The demo tasks: the held-out facts of the built-in demo corpus (data/demo_corpus.py), in the hosted-eval schema.
+
+They are not MIBE tasks (`suite = "demo"`), so `--tasks all` leaves them out; `mellama demo` names them. Each file
+is written by `write_demo_data` into its eval/ folder; every row lists its own choices and gold index.
+
+The demo's SFT replies first recall the fact, then answer ("lirapex is a statin. So the answer is B."; a short
+answer is the recalled fact alone). The paper parser reads them as it reads any output; the strict parser reads
+the answer after the last "So the answer is" (MC, yes/no) or the end of the first sentence (short answer).
+"""
+
+from __future__ import annotations
+
+from mellama_jax.data.demo_corpus import ANSWER_CUE
+from mellama_jax.evaluation import parsers
+from mellama_jax.evaluation.base import Example, Row
+from mellama_jax.evaluation.kinds import ChoiceTask
+
+
+class DemoTask(ChoiceTask):
+    """A demo task: hosted rows only (the demo corpus writes no other format)."""
+
+    suite = "demo"
+
+    def from_original(self, row: Row) -> Example:
+        """Demo files are always hosted-schema; a row without `query` is malformed."""
+        raise row.error("query", "is missing (demo files use the hosted schema {id, query, answer, choices, gold})")
+
+    def parse_strict(self, output: str, example: Example) -> str:
+        """The option letter or label that starts the answer after the last cue (or the output, without one)."""
+        return super().parse_strict(output.rsplit(ANSWER_CUE, 1)[-1], example)
+
+
+class DemoMC(DemoTask):
+    """Four-option multiple choice (A-D) on a held-out fact; the answer is the option letter."""
+
+    name, title = "demo_mc", "Demo MC (held-out facts)"
+    patterns = ("demo_mc*.json*",)
+    choices = ("A", "B", "C", "D")
+    keep_case, letters = True, True
+
+
+class DemoYesNo(DemoTask):
+    """Is a statement about a held-out fact true: yes or no (half of each)."""
+
+    name, title = "demo_yesno", "Demo yes/no (held-out facts)"
+    patterns = ("demo_yesno*.json*",)
+    choices = ("yes", "no")
+
+
+class DemoShort(DemoTask):
+    """Short answer on a held-out fact: the first of the relation's possible answers found in the output."""
+
+    name, title = "demo_short", "Demo short answer (held-out facts)"
+    patterns = ("demo_short*.json*",)
+
+    def parse_strict(self, output: str, example: Example) -> str:
+        """The longest choice that ends the answer's first sentence ("lirapex is a statin."), else "missing"."""
+        sentence = parsers.answer_start(output).split(".", 1)[0].strip().lower()
+        found = [c for c in example.choices if sentence.endswith(c.lower()) and not sentence[: -len(c)][-1:].isalnum()]
+        return max(found, key=len, default=parsers.MISSING)
