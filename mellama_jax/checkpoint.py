@@ -33,6 +33,7 @@ from orbax.checkpoint import type_handlers as th
 
 from mellama_jax.distributed import anywhere
 from mellama_jax.errors import UserError
+from mellama_jax.lora import LORA_CONFIG
 from mellama_jax.outdir import disk_full
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,17 @@ def stored_arrays(item_dir: pathlib.Path, subtree: tuple[str, ...] = ()) -> dict
     return jax.tree.map(open_leaf, tree)
 
 
-def find_params(ckpt_dir: pathlib.Path) -> tuple[pathlib.Path, tuple[str, ...]]:
-    """A CKPT_DIR's orbax item folder holding the params, and the params' path inside that tree."""
+def find_params(ckpt_dir: pathlib.Path, adapters: bool = False) -> tuple[pathlib.Path, tuple[str, ...]]:
+    """A CKPT_DIR's orbax item folder holding the params, and the params' path inside that tree.
+
+    A LoRA run's params are its frozen base: refused unless the caller also reads the adapters (`adapters`).
+    """
     ckpt_dir = pathlib.Path(ckpt_dir)
     if (ckpt_dir / "params" / "_METADATA").is_file():
         return ckpt_dir / "params", ()
+    if not adapters and (ckpt_dir / LORA_CONFIG).is_file():
+        raise UserError(f"{ckpt_dir}: a LoRA run, whose params are the frozen base; merge its adapters first"
+                        " (mellama convert jax-to-hf RUN HF_DIR, then hf-to-jax HF_DIR CKPT_DIR)")  # fmt: skip
     if (ckpt_dir / "checkpoints").is_dir():
         steps = ocp.utils.checkpoint_steps(ckpt_dir / "checkpoints")  # only finalized (committed) steps
         if steps:

@@ -59,7 +59,10 @@ def _hf_to_jax(args: argparse.Namespace) -> None:
 def _jax_to_hf(args: argparse.Namespace) -> None:
     from mellama_jax.hf import convert_jax_to_hf
 
-    convert_jax_to_hf(args.ckpt_dir, args.out_hf_dir, args.dtype, args.max_shard_size, args.overwrite)
+    convert_jax_to_hf(
+        args.ckpt_dir, args.out_hf_dir, args.dtype, args.max_shard_size, args.overwrite, args.adapter_only,
+        args.base_model,
+    )  # fmt: skip
     print(f"exported {args.ckpt_dir} to {args.out_hf_dir}")
 
 
@@ -130,6 +133,8 @@ def _add_convert(commands) -> None:
     to_hf.add_argument("out_hf_dir", type=pathlib.Path, metavar="OUT_HF_DIR")
     to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="cast the weights (default: keep)")
     to_hf.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="per safetensors file (default 5GB)")
+    to_hf.add_argument("--adapter-only", action="store_true", help="LoRA run: a PEFT adapter folder, not merged")
+    to_hf.add_argument("--base-model", help="--adapter-only: its base_model_name_or_path (an HF name or folder)")
     to_hf.set_defaults(run=_jax_to_hf)
     for direction in (to_jax, to_hf):
         direction.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

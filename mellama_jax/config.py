@@ -315,6 +315,30 @@ class DataConfig:
                 raise UserError(f"data.sources[{i}] ({source.name}): weight must be positive, got {source.weight}")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (lora.py); DESIGN §1's SFT: rank 16, alpha 32 on every attention and MLP projection."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0  # only 0: the adapters are merged into the weights per layer, which dropout would break
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise UserError(f"lora.rank must be at least 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise UserError(f"lora.alpha must be positive, got {self.alpha}")
+        if self.dropout != 0.0:
+            raise UserError(f"lora.dropout: only 0.0 is supported, got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise UserError(f"lora.targets must be distinct names among {', '.join(LORA_TARGETS)}, got {self.targets}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A run: model, batch shape, optimiser, data and mesh."""
@@ -339,6 +363,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 0  # at most this many global batches per evaluation, the same ones every time (0: all)
     eval_data: DataConfig | None = None  # cpt or sft sources, as in `data`; tokenizer "" = data's
+    lora: LoraConfig | None = None  # LoRA adapters trained on frozen params; None: full fine-tuning
 
     def __post_init__(self):
         if self.steps != "auto" and (isinstance(self.steps, str) or self.steps < 1):

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from mellama_jax import lora
 from mellama_jax.checkpoint import Stacked, find_params, save_params, stored_arrays
 from mellama_jax.config import DTYPES, ModelConfig
 from mellama_jax.config_file import read_json_object, read_model_config
@@ -352,15 +353,29 @@ def convert_jax_to_hf(
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
+    adapter_only: bool = False,
+    base_model: str | None = None,
 ) -> ModelConfig:
-    """A CKPT_DIR (converted checkpoint or training run, latest complete step) -> an HF folder, layer by layer."""
+    """A CKPT_DIR (converted checkpoint or training run, latest complete step) -> an HF folder, layer by layer.
+
+    A LoRA run exports its adapters merged into the weights, or with `adapter_only` a PEFT adapter folder
+    (`base_model`: its `base_model_name_or_path`).
+    """
     ckpt_dir = pathlib.Path(ckpt_dir)
     cfg = read_model_config(ckpt_dir / "model_config.json")
-    item_dir, subtree = find_params(ckpt_dir)
+    item_dir, subtree = find_params(ckpt_dir, adapters=True)
+    lora_cfg = lora.read_lora_config(ckpt_dir) if subtree else None
+    if adapter_only and lora_cfg is None:
+        raise UserError(f"{ckpt_dir}: --adapter-only needs a LoRA training run (one with {lora.LORA_CONFIG})")
     try:
         params = stored_arrays(item_dir, subtree)
+        adapters = stored_arrays(item_dir, ("lora",)) if lora_cfg else {}
     except (KeyError, FileNotFoundError) as e:
         raise UserError(f"{item_dir}: no saved params ({type(e).__name__}: {e})") from None
+    if adapter_only:
+        with staged_output(out_dir, overwrite, inputs=[ckpt_dir]) as staging:
+            lora.write_peft_adapter(adapters, lora_cfg, staging, dtype, base_model)
+        return cfg
     expected = param_shapes(cfg)
     for rule in rules(cfg):
         where, want = f"{item_dir}: parameter {'/'.join(rule.path)}", _get(expected, rule.path).shape
@@ -370,6 +385,8 @@ def convert_jax_to_hf(
             raise UserError(f"{where} is missing") from None
         if shape != want:
             raise UserError(f"{where} has shape {shape}, model_config.json expects {want}")
+    if lora_cfg:
+        params = lora.merged_params(params, adapters, lora.scale(lora_cfg))
     tokenizer = _tokenizer_of(ckpt_dir, cfg)
     saved = ckpt_dir / "generation_config.json"
     if saved.is_file():

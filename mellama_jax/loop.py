@@ -35,6 +35,7 @@ from mellama_jax.data.synthetic import CountingBatches
 from mellama_jax.devices import RUNNING_PEAK_TFLOPS
 from mellama_jax.distributed import anywhere, initialize, together
 from mellama_jax.errors import UserError
+from mellama_jax.lora import LORA_CONFIG
 from mellama_jax.metrics_log import MetricsLog
 from mellama_jax.outdir import disk_full
 from mellama_jax.plan import train_flops_per_token
@@ -158,6 +159,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 def _start_outputs(cfg: TrainConfig, run_dir: pathlib.Path, start: int, lead: bool) -> MetricsLog:
     if lead:
         write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(cfg.model))
+        if cfg.lora:  # jax-to-hf reads the adapters' scale from it
+            write_json(run_dir / LORA_CONFIG, dataclasses.asdict(cfg.lora))
         if cfg.init_from and start == 0:
             adopt_checkpoint_files(pathlib.Path(cfg.init_from), run_dir)
         if cfg.data.tokenizer and start == 0:  # the tokenizer the data is read with is the model's from now on
@@ -239,8 +242,8 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
 
     shown_val: dict[str, str] = {}
 
-    def validate(step: int, params: dict) -> bool:  # False: a signal cut it short
-        row, failure = evaluator(step, params, exchange, stop), None
+    def validate(step: int, state: TrainState) -> bool:  # False: a signal cut it short
+        row, failure = evaluator(step, state.params, exchange, stop, state.lora), None
         if row is None:
             log.warning("signal: the validation of step %d is cut short; the resumed run does it first", step)
             return False
@@ -264,7 +267,7 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
         log.warning("the data ended at step %d; nothing left to train on", start)
     # a due step without its validation row (step 0, or one a signal stopped at); process 0 alone has the log
     missing = metrics_log.enabled and not metrics_log.validated(start)
-    if evaluator is not None and due(cfg, start) and exchange(None, missing)[0] and not validate(start, state.params):
+    if evaluator is not None and due(cfg, start) and exchange(None, missing)[0] and not validate(start, state):
         return  # stopped by a signal: nothing new to save
     tick = time.perf_counter()
     for step in range(start, start if ended else cfg.steps):
@@ -290,7 +293,7 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, data, start: int, man
         signalled, ended = exchange(failure, bool(stop), batch is None and step + 1 < cfg.steps)
         last = signalled or ended or step + 1 == cfg.steps
         if evaluator is not None and not signalled and (last or due(cfg, step + 1)):
-            signalled = not validate(step + 1, state.params)
+            signalled = not validate(step + 1, state)
             last = last or signalled
             tick = time.perf_counter()  # its time is no training step's
         plot = save_checkpoint(manager, step + 1, state, data_state, force=last)

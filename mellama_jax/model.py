@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import checkify
 
-from mellama_jax import attention
+from mellama_jax import attention, lora
 from mellama_jax.config import ModelConfig
 from mellama_jax.sharding import constrain
 
@@ -169,8 +169,13 @@ class Llama(nnx.Module):
         positions: jax.Array,  # [B, T] int
         segment_ids: jax.Array | None = None,  # [B, T] int; None = one document per row
         cache: Cache | None = None,
+        adapters: dict | None = None,  # LoRA: {target: {"a": [L, *in, r], "b": [L, r, *out]}} (lora.py)
+        lora_scale: float = 1.0,
     ) -> tuple[jax.Array, Cache | None]:
-        """Returns fp32 logits [B, T, V] and, when decoding, the cache advanced by T slots."""
+        """Returns fp32 logits [B, T, V] and, when decoding, the cache advanced by T slots.
+
+        With `adapters`, each layer runs with W + lora_scale·A·B, formed inside the scan one layer at a time.
+        """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         table = constrain(cast(self.embed, dt), ("vocab", "act_embed"))  # gathered whole over fsdp, as FSDP does
         x = constrain(jnp.take(table, tokens, axis=0), RESIDUAL)  # [B, T, D]
@@ -188,12 +193,13 @@ class Llama(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer(carry, xs):  # the cache rides in the carry: updated in place, layer by layer
-            (x, kv), (params, i) = carry, xs
+            (x, kv), (params, ab, i) = carry, xs
+            nnx.replace_by_pure_dict(params, lora.merge_layer(nnx.to_pure_dict(params), ab, lora_scale))
             return nnx.merge(graphdef, params)(x, positions, attend, kv, index, i), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat])
-        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), (layer_state, jnp.arange(cfg.n_layers)))
+        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), (layer_state, adapters or {}, jnp.arange(cfg.n_layers)))
 
         x = self.final_norm(x)
         # Gathered in bf16 here: left to the partitioner, the backward's fp32 product gathers an fp32 copy.

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mellama_jax import lora
 from mellama_jax.config import MeshConfig, ModelConfig, TrainConfig
 from mellama_jax.devices import DeviceKind
 from mellama_jax.errors import UserError
@@ -46,6 +47,14 @@ RECOMPUTE = {"full": 4 / 3, "save_dots_no_batch": 1.0, "save_dots": 1.0, "none":
 def param_count(cfg: ModelConfig) -> int:
     """Counted from the model itself (`eval_shape`: nothing is allocated)."""
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
+
+
+def trainable_count(cfg: TrainConfig) -> int:
+    """Parameters the optimizer trains: all of them, or with `lora` only the adapters (lora.py)."""
+    if cfg.lora is None:
+        return param_count(cfg.model)
+    layers = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))["layers"]
+    return lora.count(cfg.lora, layers)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -166,11 +175,11 @@ def estimate(cfg: TrainConfig, lay: Layout, platform: str = "cuda") -> Memory:
     d, f, t, layers = m.d_model, m.ffn_dim, lay.tensor, m.n_layers
     n, k, h, v = m.n_heads, m.n_kv_heads, m.head_dim, m.vocab_size
     act, w = jnp.dtype(m.dtype).itemsize, jnp.dtype(m.param_dtype).itemsize
-    params = param_count(m)
+    params, trained = param_count(m), trainable_count(cfg)
     head = v * d  # the output head, or the tied table used as one
     per_layer = (params - v * d * (1 if m.tie_embeddings else 2) - d) / layers
     shard = lay.fsdp * t
-    grads = params * w / shard
+    grads = trained * w / shard  # LoRA: the adapters' alone; the frozen base gets no gradient buffer
     tokens = max(lay.rows, 1) * cfg.seq_len  # per device per micro-batch
     dots = (n * h + 2 * k * h) / t + 2 * d + 2 * f / t  # q, k, v; attention and MLP outputs; gate, up
     saved = {  # per token and layer, in compute-dtype elements: what the backward pass finds stored
@@ -196,7 +205,8 @@ def estimate(cfg: TrainConfig, lay: Layout, platform: str = "cuda") -> Memory:
     if update > backward:
         parts = {"gradients (fp32)": grads, "new parameters and AdamW moments (the update's cond)": 3 * grads}
     batch = 4 * 4 * cfg.global_batch * cfg.seq_len / (lay.data * lay.fsdp)  # tokens, positions, segments, mask
-    return Memory(params * w / shard, 2 * params * w / shard, batch, max(backward, update), parts=parts)
+    frozen = params * w / shard if cfg.lora else 0  # beside the trained (and stored) adapters
+    return Memory(frozen + grads, 2 * grads, batch, max(backward, update), parts=parts)
 
 
 def xla_options(kind: DeviceKind) -> dict[str, bool | int | str] | None:
@@ -223,7 +233,11 @@ def measure(cfg: TrainConfig, mesh: jax.sharding.Mesh, options: dict | None = No
     def per_device(tree) -> int:
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    params, opt_state, batch_bytes = per_device(state.params), per_device(state.opt_state), per_device(batch)
+    params, opt_state, batch_bytes = (
+        per_device((state.params, state.lora)),
+        per_device(state.opt_state),
+        per_device(batch),
+    )
     scalars = stats.argument_size_in_bytes - params - opt_state - batch_bytes  # step, rng, skipped
     return Memory(
         params, opt_state, batch_bytes + scalars, stats.temp_size_in_bytes,

@@ -25,6 +25,7 @@ from mellama_jax.plan import (
     step_seconds,
     traffic,
     train_flops_per_token,
+    trainable_count,
     uneven,
     with_layout,
     xla_options,
@@ -94,6 +95,10 @@ def report(cfg: TrainConfig, devices: int, kind_name: str | None, search: bool =
         f"  layout       mesh {lay.mesh()}; remat {m.remat}; attention {m.attention} "
         f"({resolved_attention(m, platform)} on {platform if kind else 'GPU'})",
     ]
+    if cfg.lora:
+        trained = trainable_count(cfg)
+        lines.append(f"  LoRA         rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}: {trained:,} trainable,"
+                     f" {param_count(m):,} frozen; gradients and AdamW moments for the adapters only")  # fmt: skip
     flops = train_flops_per_token(m, cfg.seq_len)
     lines.append(f"  FLOPs        {flops:.3e} per token, {flops * tokens:.3e} per step (model FLOPs: 6N + attention)")
     wrong = problems(cfg, lay)

@@ -22,6 +22,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mellama_jax import lora
 from mellama_jax.config import TrainConfig
 from mellama_jax.model import Llama, abstract_model, with_params
 from mellama_jax.sharding import activation_mesh, batch_sharding, shardings
@@ -33,10 +34,11 @@ BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # [] int32, optimiser steps taken (skipped ones included)
-    params: dict  # nested dict, as `nnx.to_pure_dict` gives it
-    opt_state: optax.OptState
+    params: dict  # nested dict, as `nnx.to_pure_dict` gives it; frozen when `lora` holds adapters
+    opt_state: optax.OptState  # over the trained tree only (`lora.trainable`): params, or the adapters
     rng: jax.Array  # a raw uint32 PRNG key, for stochastic parts of training
     skipped: jax.Array  # [] int32, steps whose gradients were not finite (not applied)
+    lora: dict  # LoRA adapters, {target: {"a": [L, *in, r], "b": [L, r, *out]}}; {} for full fine-tuning
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -64,10 +66,13 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def loss_sums(cfg: TrainConfig, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+def loss_sums(cfg: TrainConfig, params: dict, batch: dict, adapters: dict | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token cross-entropy over target tokens, number of target tokens), in fp32."""
     tokens, segments = batch["tokens"], batch["segment_ids"]
-    logits, _ = with_params(cfg.model, params)(tokens, batch["positions"], segments)
+    scale = lora.scale(cfg.lora) if cfg.lora else 1.0
+    logits, _ = with_params(cfg.model, params)(
+        tokens, batch["positions"], segments, adapters=adapters, lora_scale=scale
+    )
     targets = jnp.roll(tokens, -1, axis=1)
     same_doc = (jnp.roll(segments, -1, axis=1) == segments) & (segments != 0)
     not_last = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
@@ -84,19 +89,22 @@ def micro_batches(batch: dict, m: int) -> dict:
 
 
 def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    """One optimiser step over the global batch, accumulated over `cfg.micro_batches` slices."""
-    m = cfg.micro_batches
-    sums_and_grads = jax.value_and_grad(lambda p, mb: loss_sums(cfg, p, mb), has_aux=True)
+    """One optimiser step over the global batch, accumulated over `cfg.micro_batches` slices.
+
+    Only `lora.trainable(cfg)`'s tree (all params, or the LoRA adapters) is differentiated and updated."""
+    m, part = cfg.micro_batches, lora.trainable(cfg)
+    trained = part.get(state)
+    sums_and_grads = jax.value_and_grad(lambda t, mb: loss_sums(cfg, *part.split(state, t, mb)), has_aux=True)
 
     def accumulate(carry, mb):
         grads, loss_sum, count = carry
-        (s, n), g = sums_and_grads(state.params, mb)
+        (s, n), g = sums_and_grads(trained, mb)
         return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
 
     if m == 1:
-        (loss_sum, count), grads = sums_and_grads(state.params, batch)
+        (loss_sum, count), grads = sums_and_grads(trained, batch)
     else:
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+        zeros = (jax.tree.map(jnp.zeros_like, trained), jnp.zeros(()), jnp.zeros(()))
         (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro_batches(batch, m))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
@@ -105,13 +113,13 @@ def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainS
     finite = jnp.isfinite(grad_norm)
 
     def apply() -> tuple[dict, optax.OptState]:
-        direction, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
-        return jax.tree.map(lambda p, d: p - lr * d, state.params, direction), opt_state
+        direction, opt_state = optimizer(cfg).update(grads, state.opt_state, trained)
+        return jax.tree.map(lambda p, d: p - lr * d, trained, direction), opt_state
 
     # A cond, not a select: the skipped branch costs nothing, and a taken step no extra pass over the state.
-    params, opt_state = jax.lax.cond(finite, apply, lambda: (state.params, state.opt_state))
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped + (~finite).astype(jnp.int32)
+    trained, opt_state = jax.lax.cond(finite, apply, lambda: (trained, state.opt_state))
+    new_state = part.put(state, trained).replace(
+        step=state.step + 1, opt_state=opt_state, skipped=state.skipped + (~finite).astype(jnp.int32)
     )
     metrics = {
         "loss": loss_sum / count,
@@ -123,12 +131,12 @@ def train_step(cfg: TrainConfig, state: TrainState, batch: dict) -> tuple[TrainS
     return new_state, metrics
 
 
-def eval_step(cfg: TrainConfig, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+def eval_step(cfg: TrainConfig, params: dict, batch: dict, adapters: dict) -> tuple[jax.Array, jax.Array]:
     """`loss_sums` over a global batch, a micro-batch at a time as `train_step` does (so it fits where training
     does); no gradients, no optimizer."""
 
     def add(carry, mb):
-        s, n = loss_sums(cfg, params, mb)
+        s, n = loss_sums(cfg, params, mb, adapters)
         return (carry[0] + s, carry[1] + n), None
 
     (loss_sum, count), _ = jax.lax.scan(add, (jnp.zeros(()), jnp.zeros(())), micro_batches(batch, cfg.micro_batches))
@@ -139,8 +147,11 @@ def _init(cfg: TrainConfig, seed: jax.Array) -> TrainState:
     key = jax.random.PRNGKey(seed)
     init_key, rng = jax.random.split(key)
     params = nnx.to_pure_dict(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(init_key)), nnx.Param))
+    # the adapters' key is split off the model's: a LoRA run draws the same base params as a full one
+    adapters = lora.init_adapters(cfg.lora, params["layers"], jax.random.fold_in(init_key, 1)) if cfg.lora else {}
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=optimizer(cfg).init(params), rng=rng, skipped=zero)
+    state = TrainState(step=zero, params=params, opt_state=(), rng=rng, skipped=zero, lora=adapters)
+    return state.replace(opt_state=optimizer(cfg).init(lora.trainable(cfg).get(state)))
 
 
 def state_shardings(cfg: TrainConfig, mesh: Mesh):
@@ -148,11 +159,17 @@ def state_shardings(cfg: TrainConfig, mesh: Mesh):
     abstract = jax.eval_shape(functools.partial(_init, cfg), 0)
     logical = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model(cfg.model), nnx.Param)))
     params = shardings(abstract.params, logical, mesh)
+    adapters = shardings(abstract.lora, lora.logical_names(cfg.lora, logical["layers"]), mesh) if cfg.lora else {}
     replicated = NamedSharding(mesh, PartitionSpec())
+    state = TrainState(step=replicated, params=params, opt_state=(), rng=replicated, skipped=replicated, lora=adapters)
     opt_state = optax.tree_map_params(
-        optimizer(cfg), lambda _, s: s, abstract.opt_state, params, transform_non_params=lambda _: replicated
+        optimizer(cfg),
+        lambda _, s: s,
+        abstract.opt_state,
+        lora.trainable(cfg).get(state),
+        transform_non_params=lambda _: replicated,
     )
-    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated, skipped=replicated)
+    return state.replace(opt_state=opt_state)
 
 
 def abstract_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
@@ -193,17 +210,18 @@ def compile_step(cfg: TrainConfig, mesh: Mesh) -> Callable[[TrainState, dict], t
 
 
 def compile_eval(cfg: TrainConfig, mesh: Mesh) -> Callable[[dict, dict], tuple[jax.Array, jax.Array]]:
-    """`eval_step` jitted over the train step's shardings of params and batch; its sums come out replicated."""
+    """`eval_step` jitted over the train step's shardings of params, batch and adapters; its sums come out
+    replicated. `adapters` is the TrainState's `lora` ({} for full fine-tuning)."""
     batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated, state_sh = NamedSharding(mesh, PartitionSpec()), state_shardings(cfg, mesh)
     step = jax.jit(
         functools.partial(eval_step, cfg),
-        in_shardings=(state_shardings(cfg, mesh).params, batch_sh),
+        in_shardings=(state_sh.params, batch_sh, state_sh.lora),
         out_shardings=(replicated, replicated),
     )
 
-    def on_mesh(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    def on_mesh(params: dict, batch: dict, adapters: dict | None = None) -> tuple[jax.Array, jax.Array]:
         with activation_mesh(mesh):
-            return step(params, batch)
+            return step(params, batch, {} if adapters is None else adapters)
 
     return on_mesh

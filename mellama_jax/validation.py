@@ -102,7 +102,9 @@ class Evaluator:
         self.step, self.sharding = compile_eval(cfg, mesh), batch_sharding(mesh)
         self.padding = {key: np.zeros((rows, cfg.seq_len), np.int32) for key in BATCH_KEYS}  # segment 0: no targets
 
-    def __call__(self, step: int, params: dict, exchange: Exchange, stop: Sequence = ()) -> dict | None:
+    def __call__(
+        self, step: int, params: dict, exchange: Exchange, stop: Sequence = (), adapters: dict | None = None
+    ) -> dict | None:
         """The validation row of `step`: {"step", "val_loss", "val_ppl", "val_tokens", "val_set"}; None when a
         signal (`stop` not empty, on any process) cut it short: a whole evaluation may outlast the grace time for
         the save."""
@@ -122,7 +124,7 @@ class Evaluator:
                 break
             local = self.padding if local is None else local
             batch = {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
-            sums.append(self.step(params, batch))
+            sums.append(self.step(params, batch, adapters))  # adapters: a LoRA run's (TrainState.lora)
         sums = jax.device_get(sums)
         loss, tokens = sum(float(s) for s, _ in sums), sum(float(n) for _, n in sums)
         if not tokens:  # the same on every process: the sums are global

@@ -419,3 +419,13 @@ def test_a_bad_eval_record_in_one_process_shard_stops_both(tmp_path, tokenizer_p
     assert [code for code, _ in results] == [2, 2]
     assert any("held.jsonl:2: invalid JSON" in err for _, err in results)
     assert any("another process stopped the run" in err for _, err in results)
+
+
+def test_a_lora_run_validates_with_its_adapters(tmp_path, tokenizer_path):
+    """The base is frozen under LoRA: validation losses that move can only come from the adapters."""
+    corpus = write_jsonl(tmp_path / "notes.jsonl", [{"text": t} for t in notes(400)])
+    (tmp_path / "run.yaml").write_text(RUN.format(steps=4, tokenizer=tokenizer_path, corpus=corpus))
+    argv = ["train", "--config", str(tmp_path / "run.yaml"), f"run_dir={tmp_path / 'run'}", "lora.rank=4"]
+    assert main(argv) == 0
+    evals = [r["val_loss"] for r in rows_of(tmp_path / "run") if "val_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.05  # steps 0, 2 and 4
