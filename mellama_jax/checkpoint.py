@@ -101,10 +101,22 @@ def save_params(directory: pathlib.Path, tree: dict) -> None:
         raise
 
 
-def restore_params(directory: pathlib.Path, target=None) -> dict:
+def restore_params(directory: pathlib.Path, target=None, subtree: tuple[str, ...] = ()) -> dict:
     """The saved tree: with a target of ShapeDtypeStructs carrying shardings, placed and resharded accordingly;
-    without one, as host numpy arrays (whatever devices or processes wrote it)."""
+    without one, as host numpy arrays (whatever devices or processes wrote it). With a target, `subtree` reads
+    only that part of the tree (a training run's params, not its optimizer moments; see `find_params`)."""
     directory = pathlib.Path(directory).absolute()
+    if target is not None and subtree:
+        for key in reversed(subtree):
+            target = {key: target}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(directory, args=args)
+        for key in subtree:
+            restored = restored[key]
+        return restored
     if target is not None:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(directory, target)

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding
@@ -120,26 +119,10 @@ def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | No
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # hashing reads the files the restore reads
         digest = pool.submit(_fingerprint, item_dir)
         try:
-            params = _restore(item_dir, subtree, target)
+            params = restore_params(item_dir, target, subtree)
         except ValueError as e:
             raise UserError(f"{item_dir}: does not fit model_config.json ({str(e).splitlines()[0][:200]})") from None
         return Loaded(cfg, params, tokenizer, _eos_ids(ckpt_dir, tokenizer), mesh, digest.result())
-
-
-def _restore(item_dir: pathlib.Path, subtree: tuple[str, ...], target: dict) -> dict:
-    if not subtree:
-        return restore_params(item_dir, target)
-    # A training run's state holds the optimizer moments too: read only the params' subtree.
-    for key in reversed(subtree):
-        target = {key: target}
-    args = ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-    )
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(item_dir.absolute(), args=args)
-    for key in subtree:
-        restored = restored[key]
-    return restored
 
 
 def _fingerprint(item_dir: pathlib.Path) -> str:

@@ -75,22 +75,21 @@ def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, Train
         return step, state
     state = init_state(cfg, mesh)
     if cfg.init_from:
+        item_dir, subtree = init_params(cfg)
         try:
-            state = state.replace(params=restore_params(init_params(cfg), target=abstract.params))
+            state = state.replace(params=restore_params(item_dir, abstract.params, subtree))
         except ValueError as e:
             raise UserError(f"init_from {cfg.init_from}: does not fit model config ({str(e)[:200]})") from None
     return 0, state
 
 
-def init_params(cfg: TrainConfig) -> pathlib.Path:
-    """The orbax folder of `init_from`'s params; a missing path or a training run is refused."""
+def init_params(cfg: TrainConfig) -> tuple[pathlib.Path, tuple[str, ...]]:
+    """Where `init_from`'s params lie: a converted checkpoint, or a training run's latest complete step
+    (continued SFT from a CPT run); a missing path or a LoRA run (export it merged first) is refused."""
     try:
-        item_dir, subtree = find_params(pathlib.Path(cfg.init_from))
+        return find_params(pathlib.Path(cfg.init_from))
     except UserError as e:
         raise UserError(f"init_from {e}") from None
-    if subtree:
-        raise UserError(f"init_from {cfg.init_from}: expected a converted checkpoint (params/), not a run")
-    return item_dir
 
 
 def batches(cfg: TrainConfig, first_row: int, rows: int):

@@ -99,9 +99,20 @@ def test_init_from_refusals(tmp_path):
     train(cfg)
     cases = {
         str(tmp_path / "wider"): r"init_from .*wider: does not fit model config",
-        str(tmp_path / "run"): r"init_from .*run: expected a converted checkpoint \(params/\), not a run",
         str(tmp_path / "missing"): r"missing: not a converted checkpoint \(params/\) or a training run",
     }
     for source, message in cases.items():
         with pytest.raises(UserError, match=message):
             train(dataclasses.replace(cfg, init_from=source, run_dir=str(tmp_path / "new")))
+
+
+def test_init_from_a_training_run_starts_from_its_latest_step(tmp_path):
+    """Continued SFT from a CPT run: its latest complete step's params, not its optimizer or its step."""
+    train(dataclasses.replace(CFG, steps=3, checkpoint_every=2, run_dir=str(tmp_path / "cpt")))
+    trained = restore_params(tmp_path / "cpt" / "checkpoints" / "3" / "state")["params"]
+    cfg = dataclasses.replace(
+        CFG, init_from=str(tmp_path / "cpt"), run_dir=str(tmp_path / "sft"), mesh=MeshConfig(2, 2, 2)
+    )
+    data = CountingBatches(MODEL.vocab_size, cfg.seq_len, cfg.global_batch)
+    step, state = start_state(cfg, make_mesh(cfg.mesh), run_manager(tmp_path / "sft", 2, 3), data)
+    assert step == 0 and int(state.step) == 0 and same_bits(trained, state.params)
