@@ -336,10 +336,10 @@ def test_a_signal_during_a_validation_cuts_it_short_and_the_resumed_run_does_it(
     config = ["--config", str(folder / "run.yaml"), f"run_dir={tmp_path / 'run'}"]
 
     class SignalledAt2(loop.Evaluator):  # SIGTERM (as from a scheduler) arrives while step 2 is evaluated
-        def __call__(self, step, params, exchange, stop=()):
+        def __call__(self, step, *args):
             if step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return super().__call__(step, params, exchange, stop)
+            return super().__call__(step, *args)
 
     monkeypatch.setattr(loop, "Evaluator", SignalledAt2)
     assert main(["train", *config]) == 0
