@@ -38,7 +38,7 @@ import numpy as np
 import tqdm
 
 from mellama_jax.errors import UserError
-from mellama_jax.outdir import replace_file
+from mellama_jax.outdir import replace_file, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,6 @@ def decontaminate(data: Sequence[str], tasks: str, data_dir: pathlib.Path, out: 
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    from mellama_jax.evaluation.base import data_hash
     from mellama_jax.evaluation.tasks import TASKS, load_examples
 
     examples = load_examples(tasks, pathlib.Path(data_dir), limit)
@@ -359,7 +358,7 @@ def decontaminate(data: Sequence[str], tasks: str, data_dir: pathlib.Path, out: 
                 "documents": result.scanned, "words": result.words}  # fmt: skip
     report = {"kind": KIND, "settings": settings, "tasks": result.tasks()}
     for name, entry in report["tasks"].items():  # what `mellama eval` checks: the ids are those of this file
-        entry.update(data_file=str(files[name]), data_sha256=data_hash(files[name]))
+        entry.update(data_file=str(files[name]), data_sha256=sha256_of(files[name]))
     if out.exists() and not overwrite:  # written by someone else while we scanned
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import pathlib
@@ -38,6 +37,7 @@ from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from mellama_jax.errors import UserError
 from mellama_jax.model import abstract_model, init_cache, with_params
+from mellama_jax.outdir import sha256_of
 from mellama_jax.sharding import activation_mesh, batch_sharding, make_mesh, shardings, spec
 
 # Prefill attends T new queries to the whole cache ([B, N, T, S] fp32 scores): chunks keep that bounded.
@@ -117,23 +117,12 @@ def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | No
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings(shapes, logical, mesh)
     )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # hashing reads the files the restore reads
-        digest = pool.submit(_fingerprint, item_dir)
+        digest = pool.submit(sha256_of, item_dir)
         try:
             params = restore_params(item_dir, target, subtree)
         except ValueError as e:
             raise UserError(f"{item_dir}: does not fit model_config.json ({str(e).splitlines()[0][:200]})") from None
         return Loaded(cfg, params, tokenizer, _eos_ids(ckpt_dir, tokenizer), mesh, digest.result())
-
-
-def _fingerprint(item_dir: pathlib.Path) -> str:
-    """sha256 over every file under `item_dir`, in sorted order of relative path: the path, NUL, its bytes."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in item_dir.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(item_dir).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def _eos_ids(ckpt_dir: pathlib.Path, tokenizer: Tokenizer) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import pathlib
@@ -156,3 +157,16 @@ def replace_file(path: pathlib.Path, data: bytes) -> None:
     except OSError as e:
         partial.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def sha256_of(path: pathlib.Path) -> str:
+    """ "sha256:<hex>" of a file's bytes, or of a folder's files in sorted order, each as relative path, NUL, bytes."""
+    path, digest = pathlib.Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"

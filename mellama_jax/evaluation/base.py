@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import pathlib
 from collections.abc import Iterator
@@ -150,18 +149,6 @@ def read_rows(path: pathlib.Path) -> Iterator[Row]:
     return _jsonl_rows(path)
 
 
-def data_hash(path: pathlib.Path) -> str:
-    """sha256 of a task's data: one file, or every file of a folder (i2b2) with its relative path."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path)).encode() + b"\0" if path.is_dir() else b"")
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
-
-
 def _candidates(data_dir: pathlib.Path) -> list[str]:
     """Relative paths (posix) of files and folders up to two levels below `data_dir`."""
     found = []
@@ -187,6 +174,7 @@ class Task:
 
     name: str = ""
     title: str = ""
+    suite = "mibe"  # "all" selects the MIBE suite; the demo corpus's tasks say "demo"
     metrics: tuple[str, ...] = ()
     paper: dict[str, float] = {}  # Me-LLaMA-70B-chat zero-shot numbers (DESIGN §2); read-only
     patterns: tuple[str, ...] = ()  # case-insensitive globs relative to --data-dir, tried in order

@@ -27,10 +27,9 @@ import tqdm
 from mellama_jax.checkpoint import find_params
 from mellama_jax.config_file import read_model_config
 from mellama_jax.errors import UserError
-from mellama_jax.evaluation.base import data_hash
 from mellama_jax.evaluation.tasks import TASKS, Example, Task, load_examples
 from mellama_jax.generate import Loaded, Sampling, apply_template, generate, load
-from mellama_jax.outdir import replace_file
+from mellama_jax.outdir import replace_file, sha256_of
 from mellama_jax.run_dir import LOCK, RunLock, write_json
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,14 @@ def evaluate(
         (out_dir / PREDICTIONS).mkdir(exist_ok=True)
         for task in chosen:
             data_file = task.find(pathlib.Path(data_dir))
-            rows = _reuse(out_dir, task, examples[task.name], previous, data_file)
+            data_sha = sha256_of(data_file)
+            rows = _reuse(out_dir, task, examples[task.name], previous, data_sha)
             if rows is None:
                 rows = _run_task(model, task, examples[task.name], settings, batch_size)
                 _write_rows(out_dir / PREDICTIONS / f"{task.name}.jsonl", rows)
-            results["tasks"][task.name] = _scores(task, examples[task.name], rows, exclude_report, excluded, data_file)
+            results["tasks"][task.name] = _scores(
+                task, examples[task.name], rows, exclude_report, excluded, data_file, data_sha
+            )
             _save(out_dir, results)
         return results
     finally:
@@ -176,7 +178,7 @@ def _excluded(report: pathlib.Path, tasks: list[Task], examples: dict[str, list[
         checked = entry.get("checked")
         if task.name not in found:
             log.warning("%s has no entry for %s: no clean-subset score for it", report, task.name)
-        elif "data_sha256" in entry and entry["data_sha256"] != data_hash(data_file):
+        elif "data_sha256" in entry and entry["data_sha256"] != sha256_of(data_file):
             raise UserError(f"{report}: checked another {task.name} file than {data_file} (sha256 differs), whose ids"
                             " may name other examples; run mellama decontaminate on this --data-dir")  # fmt: skip
         elif isinstance(checked, int) and checked < len(examples[task.name]):
@@ -185,11 +187,11 @@ def _excluded(report: pathlib.Path, tasks: list[Task], examples: dict[str, list[
     return found
 
 
-def _reuse(out_dir, task: Task, examples: list[Example], previous: dict | None, data_file) -> list[dict] | None:
+def _reuse(out_dir, task: Task, examples: list[Example], previous: dict | None, data_sha: str) -> list[dict] | None:
     """A finished task's predictions from an earlier run with the same settings and the same data file."""
     done = (previous or {}).get("tasks", {}).get(task.name)
     path = out_dir / PREDICTIONS / f"{task.name}.jsonl"
-    if not done or done.get("data_sha256") != data_hash(data_file) or not path.is_file():
+    if not done or done.get("data_sha256") != data_sha or not path.is_file():
         return None
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -236,8 +238,8 @@ def _write_rows(path: pathlib.Path, rows: list[dict]) -> None:
     replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
-def _scores(task: Task, examples: list[Example], rows: list[dict], report, excluded, data_file) -> dict:
-    entry = {"title": task.title, "data_file": str(data_file), "data_sha256": data_hash(data_file), "n": len(rows)}
+def _scores(task: Task, examples: list[Example], rows: list[dict], report, excluded, data_file, data_sha) -> dict:
+    entry = {"title": task.title, "data_file": str(data_file), "data_sha256": data_sha, "n": len(rows)}
     entry["paper_parser"] = task.score(examples, [r["parsed"] for r in rows])
     entry["strict_parser"] = task.score(examples, [r["parsed_strict"] for r in rows])
     if excluded is not None and task.name in excluded:
