@@ -30,8 +30,9 @@ from flax import nnx
 from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding
 
-from mellama_jax.checkpoint import find_params, restore_params
-from mellama_jax.config import DTYPES, MeshConfig, ModelConfig
+from mellama_jax import lora
+from mellama_jax.checkpoint import find_params, restore_params, stored_arrays
+from mellama_jax.config import DTYPES, LoraConfig, MeshConfig, ModelConfig
 from mellama_jax.config_file import read_json_object, read_model_config
 from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
@@ -94,7 +95,8 @@ def decode_mesh(cfg: ModelConfig, devices: Sequence[jax.Device] | None = None) -
 
 
 def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | None = None) -> Loaded:
-    """A converted checkpoint or a training run (its latest complete step), placed on `mesh`.
+    """A converted checkpoint or a training run (its latest complete step), placed on `mesh`. A LoRA run's
+    adapters are folded into its base weights here, once.
 
     `dtype` is the compute dtype, and the params are held in it: decoding reads every weight per token, so
     "bfloat16" halves that traffic. None computes in float32, whatever the checkpoint trained in, so scores
@@ -102,7 +104,8 @@ def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | No
     use, exactly). `mesh` defaults to `decode_mesh` over this process's devices.
     """
     ckpt_dir = pathlib.Path(ckpt_dir)
-    item_dir, subtree = find_params(ckpt_dir)
+    item_dir, subtree = find_params(ckpt_dir, adapters=True)
+    lora_cfg = lora.read_lora_config(ckpt_dir) if subtree else None
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg = read_model_config(ckpt_dir / "model_config.json")
@@ -122,7 +125,20 @@ def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | No
             params = restore_params(item_dir, target, subtree)
         except ValueError as e:
             raise UserError(f"{item_dir}: does not fit model_config.json ({str(e).splitlines()[0][:200]})") from None
+        if lora_cfg is not None:
+            params = _folded(params, item_dir, lora_cfg)
         return Loaded(cfg, params, tokenizer, _eos_ids(ckpt_dir, tokenizer), mesh, digest.result())
+
+
+def _folded(params: dict, item_dir: pathlib.Path, cfg: LoraConfig) -> dict:
+    """`params` with the run's adapters folded in, each weight keeping its dtype and sharding."""
+    adapters = jax.tree.map(np.asarray, stored_arrays(item_dir, ("lora",)))  # rank-r factors: small
+    fold = jax.jit(
+        functools.partial(lora.fold, s=lora.scale(cfg)),
+        out_shardings=jax.tree.map(lambda x: x.sharding, params),
+        donate_argnums=0,
+    )
+    return fold(params, adapters)
 
 
 def _eos_ids(ckpt_dir: pathlib.Path, tokenizer: Tokenizer) -> tuple[int, ...]:

@@ -95,6 +95,12 @@ def merge_layer(layer: dict, adapters: Mapping, s: float) -> dict:
     return merged
 
 
+def fold(params: Mapping, adapters: Mapping, s: float) -> dict:
+    """The params with every adapter folded into its stacked base weight (W + s·A·B in each layer), for inference."""
+    layers = jax.vmap(lambda layer, ab: merge_layer(layer, ab, s))(params["layers"], adapters)
+    return {**params, "layers": layers}
+
+
 def count(cfg: LoraConfig, layers: Mapping) -> int:
     """Trainable parameters: the sum over targets of r·(in + out)·L."""
     total = 0

@@ -185,8 +185,23 @@ def test_hf_exports_compute_our_logits(lora_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_generate_and_eval_load_a_lora_run_with_its_adapters_folded_in(lora_run, tmp_path):
+    from test_convert_cli import write_tokenizer
+
+    from mellama_jax.generate import load
+
+    state = saved_state(lora_run, 6)
+    tokens = np.random.default_rng(3).integers(0, MODEL.vocab_size, (2, 16))
+    shutil.copytree(lora_run, tmp_path / "run")  # the counting corpus has no tokenizer; load needs one
+    write_tokenizer(tmp_path / "run", MODEL.vocab_size)
+    loaded = load(tmp_path / "run", mesh=make_mesh(MeshConfig(tensor=2), jax.devices()[:2]))
+    np.testing.assert_allclose(our_logits(loaded.params, tokens), our_logits(state["params"], tokens, state["lora"]),
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+
+@pytest.mark.slow
 def test_adapter_only_refuses_a_run_without_adapters(lora_run, tmp_path):
-    with pytest.raises(UserError, match="a LoRA run"):  # generate/eval would otherwise run the bare base
+    with pytest.raises(UserError, match="a LoRA run"):  # init_from would otherwise start from the bare base
         find_params(lora_run)
     shutil.copytree(lora_run, tmp_path / "run")
     (tmp_path / "run" / lora.LORA_CONFIG).unlink()
