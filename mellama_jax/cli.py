@@ -171,6 +171,23 @@ def _add_eval(commands) -> None:
     evaluate.set_defaults(run=_eval)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    import time
+
+    from mellama_jax.demo import run_demo
+
+    begun = time.monotonic()
+    print(run_demo(args.out), end="")
+    print(f"demo done in {(time.monotonic() - begun) / 60:.1f} min; this summary is in {args.out / 'summary.md'}")
+
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser("demo", help="the Me-LLaMA pipeline in miniature: CPT, LoRA SFT, eval, HF export")
+    demo.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/demo"),
+                      help="folder for everything it writes (default runs/demo; a re-run resumes)")  # fmt: skip
+    demo.set_defaults(run=_demo)
+
+
 def _decontaminate(args: argparse.Namespace) -> None:
     from mellama_jax.decontaminate import decontaminate, summary
 
@@ -281,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mellama", description="Me-LLaMA training system in JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_demo(commands)
 
     plan = commands.add_parser("plan", help="parameters, FLOPs and memory per device before launch")
     plan.add_argument("--config", help="YAML holding only differences from the defaults")

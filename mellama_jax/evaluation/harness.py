@@ -127,7 +127,7 @@ def _save(out_dir: pathlib.Path, results: dict) -> None:
 
 def _check_room(ckpt_dir: pathlib.Path, sampling: Sampling) -> None:
     """The model's positions must hold a prompt (at least BOS and one token) and `max_new_tokens` answer tokens."""
-    find_params(ckpt_dir)  # a folder that is not a checkpoint is named as such, not as lacking a model_config.json
+    find_params(ckpt_dir, adapters=True)  # a non-checkpoint is named as such, not as lacking a model_config.json
     positions = read_model_config(ckpt_dir / "model_config.json").max_seq_len
     if positions - sampling.max_new_tokens < 2:
         raise UserError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt"
