@@ -70,6 +70,8 @@ def report(cfg: TrainConfig, devices: int, kind_name: str | None, search: bool =
         raise UserError(f"--devices must be at least 1, got {devices}")
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    if cfg.steps == "auto":  # resolved from the data at train time; the step's program does not depend on it
+        cfg = dataclasses.replace(cfg, steps=1)
     kind = None
     if kind_name is not None:
         kind = dev.cpu_kind(devices) if kind_name == "cpu" else dev.KINDS[kind_name]
@@ -202,11 +204,14 @@ def _helps(
         f"  why          parameters + AdamW moments {_gib(state)} GiB, temporaries {_gib(measured.temp)} GiB "
         f"(estimate: {', '.join(f'{k} {_gib(v)}' for k, v in est.parts.items())})"
     )
-    if state + measured.params >= kind.budget:  # state and its gradients alone
+    # the state and its gradients alone; LoRA's gradients are the adapters' (half their two AdamW moments)
+    grads = measured.params if cfg.lora is None else measured.opt_state / 2
+    if state + grads >= kind.budget:
+        held = "fp32 weights, gradients, AdamW moments: 16 bytes per parameter" if cfg.lora is None else (
+            "frozen weights, adapters with their gradients and AdamW moments")  # fmt: skip
         lines.append(
-            f"  what helps   the train state alone (fp32 weights, gradients, AdamW moments: 16 bytes per parameter, "
-            f"{_gib(state + measured.params)} GiB per device) is more than a device holds: no micro-batch, remat or "
-            f"attention setting helps; only more fsdp, over more devices"
+            f"  what helps   the train state alone ({held}, {_gib(state + grads)} GiB per device) is more than a"
+            f" device holds: no micro-batch, remat or attention setting helps; only more fsdp, over more devices"
         )
         need = _fewest_devices(cfg, target)
         if need:

@@ -112,6 +112,24 @@ def test_each_cpt_config_fits_its_a100s(name, devices):
 
 
 @needs_cuda
+@pytest.mark.parametrize(
+    "name, trainable", [("me-llama-13b-sft-lora.yaml", 62_586_880), ("me-llama-70b-sft-lora.yaml", 207_093_760)]
+)
+def test_each_sft_config_fits_the_papers_8_h100(name, trainable):
+    cfg = config(name)
+    assert (cfg.optim.lr, cfg.data.epochs, cfg.lora.rank, cfg.lora.alpha) == (1e-5, 3, 16, 32.0)  # DESIGN §1
+    assert len(cfg.lora.targets) == 7
+    out, rows = plan_cli("--config", str(ROOT / "configs" / name), "--devices", "8", "--device-kind", "h100-80g")
+    assert "8 x h100-80g" in out and "FITS" in out and "DOES NOT" not in out
+    assert f"{trainable:,} trainable" in out  # r (in + out) per adapted projection and layer, as test_lora checks
+    # the base is frozen: its fp32 weights split 8 ways, and AdamW state for the adapters only (under 2 GiB)
+    params = 4 * (13_015_864_320 if "13b" in name else 68_976_648_192) / 8 / GIB
+    assert rows["parameters (fp32)"][0] == pytest.approx(params, rel=0.03)  # + adapters, small unsplit tensors
+    assert rows["AdamW moments (fp32)"][0] < 2 < params / 2
+    assert rows["total (peak)"][0] * GIB < 0.9 * 79.11 * GIB
+
+
+@needs_cuda
 def test_70b_on_160_a100_reports_the_breakdown_speed_and_flags():
     out, rows = plan_cli("--config", str(ROOT / "configs" / "me-llama-70b-cpt.yaml"), "--devices", "160",
                          "--device-kind", "a100-80g")  # fmt: skip
