@@ -50,12 +50,12 @@ class DemoSettings:
     cpt_steps: int = 300
     cpt_batch: int = 16
     cpt_lr: float = 3e-3
-    sft_steps: int = 150
+    sft_steps: int = 250
     sft_batch: int = 16
     sft_lr: float = 3e-3  # a model this small needs far more than the paper's 1e-5 for 13B/70B
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    max_new_tokens: int = 24
+    max_new_tokens: int = 32
     eval_batch: int = 32
 
 
@@ -159,7 +159,9 @@ def _evaluate(out: pathlib.Path, stage: str, ckpt: pathlib.Path, s: DemoSettings
     from mellama_jax.generate import Sampling
 
     settings = EvalSettings(sampling=Sampling(max_new_tokens=s.max_new_tokens))
-    return evaluate(ckpt, ",".join(TASKS), out / "data" / "eval", out / "eval" / stage, settings, s.eval_batch)
+    # overwrite: results in the demo's own folder that another checkpoint made (a run deleted and redone) are stale
+    tasks, data = ",".join(TASKS), out / "data" / "eval"
+    return evaluate(ckpt, tasks, data, out / "eval" / stage, settings, s.eval_batch, overwrite=True)
 
 
 def _export(out: pathlib.Path) -> None:

@@ -92,20 +92,23 @@ def test_sft_records_parse_as_me_llama_conversations(demo):
         ((prompt, answer),) = turns(record, f"train.jsonl:{i + 1}")
         assert prompt.startswith("TASK: ") and prompt.endswith("OUTPUT:")
         finals.add(answer.rsplit("So the answer is ", 1)[-1] if "So the answer is" in answer else "short")
-    assert finals == {"A.", "B.", "C.", "D.", "yes.", "no.", "short"}  # MC, yes/no and short answers
+    assert finals == {"yes.", "no.", "short"}  # yes/no answers after the fact; MC and short answers are the fact
 
 
 def test_sft_replies_recall_only_true_facts_and_score_as_their_gold(tmp_path):
-    """A model that learnt the SFT replies scores 1.0 with both parsers of the demo tasks: the training items,
-    written as eval files, are parsed from their own replies."""
+    """Replies state the true fact with "It" for the subject (no name to copy), and a model that learnt them scores
+    1.0 with both parsers of the demo tasks: the training items, written as eval files, are parsed from their own
+    replies."""
     world = make_world(0)
     found = items(world, held_out=False, seed=0, variants=SFT_VARIANTS)
     truth = {**world.drug_class, **world.disease_organ}
     for kind, rows in found.items():
         for row in rows:
-            subject = next(s for s in truth if row["recall"].startswith(s + " "))
-            said = row["recall"].removeprefix(subject + " ")
-            assert said.endswith((truth[subject] + ".", world.drug_disease.get(subject, "?") + ".")), row["id"]
+            recall = row["recall"]
+            text = row["query"].split("INPUT: ", 1)[1]
+            subject = min((s for s in truth if s in text), key=text.index)  # the question's first name
+            assert recall.startswith("It ") and subject not in recall, row["id"]
+            assert recall.endswith((truth[subject] + ".", world.drug_disease.get(subject, "?") + ".")), row["id"]
         (tmp_path / f"demo_{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         task = TASKS[f"demo_{kind}"]
         examples = task.load(tmp_path)
@@ -113,9 +116,28 @@ def test_sft_replies_recall_only_true_facts_and_score_as_their_gold(tmp_path):
         for parse in (task.parse, task.parse_strict):
             assert [parse(text, e) for text, e in zip(replies, examples, strict=True)] == [e.gold for e in examples]
         wrong = [reply(kind, {**r, "answer": r["choices"][(r["gold"] + 1) % len(r["choices"])]}) for r in rows]
-        if kind != "short":  # a wrong final answer is read as wrong by both parsers
+        if kind == "yesno":  # a wrong final answer is read as wrong by both parsers
             for parse in (task.parse, task.parse_strict):
                 assert not any(parse(text, e) == e.gold for text, e in zip(wrong, examples, strict=True))
+
+
+def test_yes_no_answers_say_whether_the_statement_ends_with_the_recalled_fact():
+    world = make_world(0)
+    found = items(world, held_out=False, seed=0, variants=SFT_VARIANTS)
+    assert len(found["yesno"]) == 2 * SFT_VARIANTS * len(found["short"])  # a true and a false statement per variant
+    for row in found["yesno"]:
+        statement = row["query"].split("INPUT: ", 1)[1].removesuffix("\nOUTPUT:")
+        assert statement.endswith(row["recall"].removeprefix("It")) == (row["answer"] == "yes"), row["id"]
+        assert reply("yesno", row) == f"{row['recall']} So the answer is {row['answer']}."
+
+
+def test_mc_items_list_four_candidates_and_are_answered_with_one():
+    found = items(make_world(0), held_out=True, seed=0)
+    for row in found["mc"]:
+        assert len(row["choices"]) == 4 == len(set(row["choices"]))
+        assert row["query"].split("Choices: ", 1)[1].removesuffix("\nOUTPUT:") == "; ".join(row["choices"])
+        assert row["recall"].endswith(row["answer"] + ".") and row["answer"] == row["choices"][row["gold"]]
+    assert sorted({row["gold"] for row in found["mc"]}) == [0, 1, 2, 3]  # the gold's position cycles
 
 
 def test_eval_files_hold_the_hosted_schema_only(demo):
@@ -127,13 +149,14 @@ def test_eval_files_hold_the_hosted_schema_only(demo):
             )
 
 
-@pytest.mark.parametrize(("name", "constant", "chance"), [("demo_mc", "A", 1 / 4), ("demo_yesno", "yes", 1 / 2)])
-def test_a_constant_answer_scores_chance(demo, name, constant, chance):
+@pytest.mark.parametrize(("name", "position", "chance"), [("demo_mc", 0, 1 / 4), ("demo_yesno", 0, 1 / 2)])
+def test_a_constant_answer_scores_chance(demo, name, position, chance):
+    """Always the first listed option (MC), always "yes": chance, since gold positions cycle and golds alternate."""
     task = TASKS[name]
     examples = task.load(demo[0] / "eval")
-    predictions = [task.parse(constant, e) for e in examples]
-    scores = task.score(examples, predictions)
-    assert scores["accuracy"] == pytest.approx(accuracy_score([e.gold for e in examples], [constant] * len(examples)))
+    constant = [e.choices[position] for e in examples]
+    scores = task.score(examples, [task.parse(c, e) for c, e in zip(constant, examples, strict=True)])
+    assert scores["accuracy"] == pytest.approx(accuracy_score([e.gold for e in examples], constant))
     assert abs(scores["accuracy"] - chance) <= 1 / len(examples)
 
 

@@ -173,7 +173,7 @@ def test_hf_exports_compute_our_logits(lora_run, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.tensor(tokens)).logits.numpy(), ours, atol=LOGIT_TOL, rtol=0)
 
-    peft = pytest.importorskip("peft", reason="peft is part of the test extra")
+    peft = pytest.importorskip("peft", reason="peft is part of the hf extra")
     convert_jax_to_hf(lora_run, tmp_path / "adapter", adapter_only=True, base_model="base")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["task_type"]) == (RANK, 8.0, "CAUSAL_LM")

@@ -240,14 +240,10 @@ _QUESTIONS = {  # relation -> (question, yes/no statement)
     "treats": ("Which disease is {s} used to treat?", "{s} is used to treat {o}."),
     "organ": ("Which organ does {s} mainly affect?", "{s} mainly affects the {o}."),
 }
-MC_PROMPT = (
-    "TASK: Answer the medical question with the provided choices. State the fact, then the answer option (A/B/C/D).\n"
-    "INPUT: {question}\n{options}\nOUTPUT:"
-)
+MC_PROMPT = "TASK: Answer the medical question with one of the choices.\nINPUT: {question}\nChoices: {options}\nOUTPUT:"
 YESNO_PROMPT = "TASK: Is the statement true? State the fact, then answer yes or no.\nINPUT: {statement}\nOUTPUT:"
 SHORT_PROMPT = "TASK: Answer the medical question by stating the fact.\nINPUT: {question}\nOUTPUT:"
-LETTERS = ("A", "B", "C", "D")
-SFT_VARIANTS = 4  # MC items and yes/no pairs per training fact
+SFT_VARIANTS = 8  # MC items and yes/no pairs per training fact
 ANSWER_CUE = "So the answer is"  # between the recalled fact and the answer of an SFT reply
 
 
@@ -262,11 +258,15 @@ def _answers(world: World, relation: str, held_out: bool) -> tuple[str, ...]:
 
 def items(world: World, held_out: bool, seed: int = 0, variants: int = 1) -> dict[str, list[dict]]:
     """Kind (mc, yesno, short) -> items {id, query, answer, choices, gold, recall} on the held-out or the training
-    facts; `recall` states the true fact in the pre-training text's words (SFT replies use it, eval files drop it).
+    facts; `recall` states the true fact in the pre-training text's words with "It" for the subject (SFT replies use
+    it, eval files drop it): a reply that had to repeat the name started with a training name for most held-out items
+    (a model this small does not learn to copy a name it never answered about), while the fact itself is recalled.
 
-    Each fact gives `variants` MC items (other distractors, the gold at other letters) and `variants` true/false
-    statement pairs: SFT uses several, so that picking the letter of a recalled answer is learnt as a skill. MC gold
-    letters cycle A-D and yes/no golds alternate, so a constant answer scores chance (1/4, 1/2).
+    Each fact gives `variants` MC items (other distractors, the gold at another position) and `variants` true/false
+    statement pairs. MC items list four candidate answers and are answered with one of them, not with a letter: a
+    model this small did not learn, in minutes of LoRA, to map a recalled answer to its letter (held-out MC stayed at
+    chance, 0.17-0.33, over two seeds and six corpus variants), while it does pick the recalled answer among the
+    listed ones. Gold positions cycle and yes/no golds alternate, so a constant answer scores chance (1/4, 1/2).
     """
     rng = np.random.default_rng([seed, 3, int(held_out)])
     out: dict[str, list[dict]] = {"mc": [], "yesno": [], "short": []}
@@ -274,15 +274,15 @@ def items(world: World, held_out: bool, seed: int = 0, variants: int = 1) -> dic
         question, statement = _QUESTIONS[relation]
         pool = _answers(world, relation, held_out)
         key = f"{relation}-{subject}".replace(" ", "_")
-        q, recall = question.format(s=subject), statement.format(s=subject, o=obj, a_o=_a(obj))
+        q, recall = question.format(s=subject), statement.format(s="It", o=obj, a_o=_a(obj))
         out["short"].append(_item(f"short-{key}", SHORT_PROMPT.format(question=q), pool, pool.index(obj), recall))
         for v in range(variants):
             wrong = [a for a in pool if a != obj]
             distractors = [wrong[i] for i in rng.permutation(len(wrong))[:3]]
             n, tag = len(out["mc"]), f"{key}-{v}" if variants > 1 else key
-            options = distractors[: n % 4] + [obj] + distractors[n % 4 :]
-            listed = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options, strict=True))
-            out["mc"].append(_item(f"mc-{tag}", MC_PROMPT.format(question=q, options=listed), LETTERS, n % 4, recall))
+            options = tuple(distractors[: n % 4] + [obj] + distractors[n % 4 :])
+            prompt = MC_PROMPT.format(question=q, options="; ".join(options))
+            out["mc"].append(_item(f"mc-{tag}", prompt, options, n % 4, recall))
             for truth in (True, False):
                 other = obj if truth else distractors[0]
                 claim = YESNO_PROMPT.format(statement=statement.format(s=subject, o=other, a_o=_a(other)))
@@ -296,13 +296,12 @@ def _item(item_id: str, query: str, choices: tuple[str, ...], gold: int, recall:
 
 
 def reply(kind: str, item: dict) -> str:
-    """The SFT answer: first the fact as pre-training stated it, then the answer.
+    """The SFT answer: the fact as pre-training stated it (the subject as "It"); for yes/no, then the answer.
 
-    Recalling first lets the model reach a fact through the wording it was pre-trained on (subject first), instead
-    of mapping a question straight to a letter or yes/no, which a small model does not learn to do for facts it
-    never saw asked.
+    Recalling first lets the model reach a fact through the wording it was pre-trained on, instead of mapping a
+    question straight to yes or no, which a small model does not learn to do for facts it never saw asked.
     """
-    return item["recall"] if kind == "short" else f"{item['recall']} {ANSWER_CUE} {item['answer']}."
+    return f"{item['recall']} {ANSWER_CUE} {item['answer']}." if kind == "yesno" else item["recall"]
 
 
 def sft_records(world: World, seed: int = 0) -> list[dict]:

@@ -3,9 +3,10 @@
 They are not MIBE tasks (`suite = "demo"`), so `--tasks all` leaves them out; `mellama demo` names them. Each file
 is written by `write_demo_data` into its eval/ folder; every row lists its own choices and gold index.
 
-The demo's SFT replies first recall the fact, then answer ("lirapex is a statin. So the answer is B."; a short
-answer is the recalled fact alone). The paper parser reads them as it reads any output; the strict parser reads
-the answer after the last "So the answer is" (MC, yes/no) or the end of the first sentence (short answer).
+The demo's SFT replies recall the fact ("It is a statin."); a yes/no reply then answers ("It is a statin. So the
+answer is no."). MC items list four candidate answers and are answered with one of them. The paper parser reads
+the replies as it reads any output; the strict parser reads the answer after the last "So the answer is" (yes/no)
+or the end of the first sentence (MC, short answer).
 """
 
 from __future__ import annotations
@@ -30,15 +31,6 @@ class DemoTask(ChoiceTask):
         return super().parse_strict(output.rsplit(ANSWER_CUE, 1)[-1], example)
 
 
-class DemoMC(DemoTask):
-    """Four-option multiple choice (A-D) on a held-out fact; the answer is the option letter."""
-
-    name, title = "demo_mc", "Demo MC (held-out facts)"
-    patterns = ("demo_mc*.json*",)
-    choices = ("A", "B", "C", "D")
-    keep_case, letters = True, True
-
-
 class DemoYesNo(DemoTask):
     """Is a statement about a held-out fact true: yes or no (half of each)."""
 
@@ -54,7 +46,14 @@ class DemoShort(DemoTask):
     patterns = ("demo_short*.json*",)
 
     def parse_strict(self, output: str, example: Example) -> str:
-        """The longest choice that ends the answer's first sentence ("lirapex is a statin."), else "missing"."""
+        """The longest choice that ends the answer's first sentence ("It is a statin."), else "missing"."""
         sentence = parsers.answer_start(output).split(".", 1)[0].strip().lower()
         found = [c for c in example.choices if sentence.endswith(c.lower()) and not sentence[: -len(c)][-1:].isalnum()]
         return max(found, key=len, default=parsers.MISSING)
+
+
+class DemoMC(DemoShort):
+    """Multiple choice on a held-out fact: four candidate answers listed in the prompt; the answer is one of them."""
+
+    name, title = "demo_mc", "Demo MC (held-out facts)"
+    patterns = ("demo_mc*.json*",)
