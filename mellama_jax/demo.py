@@ -50,7 +50,7 @@ class DemoSettings:
     cpt_steps: int = 300
     cpt_batch: int = 16
     cpt_lr: float = 3e-3
-    sft_steps: int = 250
+    sft_steps: int = 500
     sft_batch: int = 16
     sft_lr: float = 3e-3  # a model this small needs far more than the paper's 1e-5 for 13B/70B
     lora_rank: int = 16
@@ -195,7 +195,10 @@ def summary(out: pathlib.Path, results: dict[str, dict], check: str, times: dict
         scores = [f"{results[stage]['tasks'][name]['paper_parser']['accuracy']:.3f}" for stage in STAGES]
         lines.append(f"| {entry['title']} | {entry['n']} | {chance(pathlib.Path(entry['data_file'])):.3f} | "
                      + " | ".join(scores) + " |")  # fmt: skip
-    lines += ["", f"Hugging Face check: {check}", "", f"Outputs, in {out}:"]
+    lines += ["", "Accuracy by the paper's parser; chance: a uniform guess among each item's own choices.",
+              "MC items list four candidate answers and are answered with one of them.",
+              "Before CPT, the random model's outputs seldom name any choice, so it scores below chance.",
+              "", f"Hugging Face check: {check}", "", f"Outputs, in {out}:"]  # fmt: skip
     where = {
         "data/": "the demo corpus (cpt/, sft/, eval/) and its tokenizer",
         "base/": "the randomly initialised model (a converted checkpoint)",
