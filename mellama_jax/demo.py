@@ -150,8 +150,11 @@ def _train(config: dict, path: pathlib.Path) -> None:
 
     path.parent.mkdir(exist_ok=True)
     replace_file(path, yaml.safe_dump(config, sort_keys=False).encode())
-    if not _finished(pathlib.Path(config["run_dir"]), config["steps"]):
+    run_dir = pathlib.Path(config["run_dir"])
+    if not _finished(run_dir, config["steps"]):
         train(load_config(str(path)))
+    if not _finished(run_dir, config["steps"]):  # a SIGINT/SIGTERM saved the run and stopped it
+        raise UserError(f"{run_dir}: stopped before step {config['steps']}; run mellama demo again to resume")
 
 
 def _evaluate(out: pathlib.Path, stage: str, ckpt: pathlib.Path, s: DemoSettings) -> dict:
