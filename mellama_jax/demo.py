@@ -59,41 +59,29 @@ class DemoSettings:
     eval_batch: int = 32
 
 
+def _schedule(out: pathlib.Path, s: DemoSettings, run: str, steps: int, batch: int, lr: float) -> dict:
+    """What the two training stages share: one micro-batch, warmup then cosine, a checkpoint every third."""
+    return {"seq_len": s.seq_len, "global_batch": batch, "micro_batches": 1, "steps": steps,
+            "optim": {"lr": lr, "warmup_ratio": 0.05}, "run_dir": str(out / "runs" / run),
+            "checkpoint_every": max(1, steps // 3), "seed": s.seed}  # fmt: skip
+
+
 def _cpt_config(out: pathlib.Path, s: DemoSettings) -> dict:
     sources = [{"name": d, "paths": [str(out / "data" / "cpt" / f"{d}.jsonl")], "weight": w}
                for d, w in (("biomedical", 15), ("clinical", 1), ("general", 4))]  # fmt: skip
+    data = {"kind": "cpt", "tokenizer": str(out / "data" / "tokenizer"), "sources": sources}
     return {
         "init_from": str(out / "base"),
-        "data": {"kind": "cpt", "tokenizer": str(out / "data" / "tokenizer"), "sources": sources},
-        "seq_len": s.seq_len,
-        "global_batch": s.cpt_batch,
-        "micro_batches": 1,
-        "steps": s.cpt_steps,
-        "optim": {"lr": s.cpt_lr, "warmup_ratio": 0.05},
-        "run_dir": str(out / "runs" / "cpt"),
-        "checkpoint_every": max(1, s.cpt_steps // 3),
-        "seed": s.seed,
+        "data": data,
+        **_schedule(out, s, "cpt", s.cpt_steps, s.cpt_batch, s.cpt_lr),
     }
 
 
 def _sft_config(out: pathlib.Path, s: DemoSettings) -> dict:
-    return {
-        "init_from": str(out / "runs" / "cpt"),
-        "data": {
-            "kind": "sft",
-            "template": "raw",
-            "sources": [{"name": "demo", "paths": [str(out / "data" / "sft" / "train.jsonl")]}],
-        },  # fmt: skip
-        "lora": {"rank": s.lora_rank, "alpha": s.lora_alpha},
-        "seq_len": s.seq_len,
-        "global_batch": s.sft_batch,
-        "micro_batches": 1,
-        "steps": s.sft_steps,
-        "optim": {"lr": s.sft_lr, "warmup_ratio": 0.05},
-        "run_dir": str(out / "runs" / "sft"),
-        "checkpoint_every": max(1, s.sft_steps // 2),
-        "seed": s.seed,
-    }
+    sources = [{"name": "demo", "paths": [str(out / "data" / "sft" / "train.jsonl")]}]
+    return {"init_from": str(out / "runs" / "cpt"), "data": {"kind": "sft", "template": "raw", "sources": sources},
+            "lora": {"rank": s.lora_rank, "alpha": s.lora_alpha},
+            **_schedule(out, s, "sft", s.sft_steps, s.sft_batch, s.sft_lr)}  # fmt: skip
 
 
 def _check_settings(out: pathlib.Path, settings: DemoSettings) -> None:
