@@ -26,8 +26,8 @@ import ml_dtypes
 import numpy as np
 
 from mellama_jax.config import PRESETS, ModelConfig
-from mellama_jax.hf import hf_shapes
-from mellama_jax.hf_files import hf_weight_files, read_hf_tensors, read_safetensors_index, write_safetensors_shards
+from mellama_jax.hf import hf_shapes, read_hf_tensors
+from mellama_jax.hf_files import hf_weight_files, read_safetensors_index, write_safetensors_shards
 
 
 def random_bf16(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

@@ -76,6 +76,8 @@ def read_json_object(path: pathlib.Path) -> dict:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object, got a {type(value).__name__}")
     return value

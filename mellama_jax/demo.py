@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mellama_jax.data.demo_corpus import write_demo_data
+from mellama_jax.config_file import read_json_object
+from mellama_jax.data.demo_corpus import VOCAB_SIZE, write_demo_data
 from mellama_jax.errors import UserError
 from mellama_jax.outdir import replace_file, staged_output
 from mellama_jax.run_dir import MODEL_CONFIG, RunLock
@@ -88,11 +89,8 @@ def _check_settings(out: pathlib.Path, settings: DemoSettings) -> None:
     """Records the settings in OUT/demo.json, or refuses a folder that holds a demo made with other ones."""
     path, wanted = out / "demo.json", dataclasses.asdict(settings)
     if path.is_file():
-        try:
-            found = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path}: not the JSON `mellama demo` writes; choose another --out") from None
-        changed = sorted(k for k in wanted if not isinstance(found, dict) or found.get(k) != wanted[k])
+        found = read_json_object(path)
+        changed = sorted(k for k in wanted if found.get(k) != wanted[k])
         if changed:
             raise UserError(f"{out}: holds a demo made with other settings ({', '.join(changed)}); "
                             "choose another --out, or delete the folder to start over")  # fmt: skip
@@ -111,7 +109,7 @@ def _write_base(out: pathlib.Path, s: DemoSettings) -> None:
     from mellama_jax.config import ModelConfig
     from mellama_jax.model import Llama
 
-    cfg = ModelConfig.tiny(vocab_size=1024, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
+    cfg = ModelConfig.tiny(vocab_size=VOCAB_SIZE, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
                            n_kv_heads=s.n_heads, head_dim=s.d_model // s.n_heads, ffn_dim=s.ffn_dim,
                            max_seq_len=s.seq_len)  # fmt: skip
     model = Llama(cfg, rngs=nnx.Rngs(jax.random.PRNGKey(s.seed)))

@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -34,7 +35,13 @@ from mellama_jax.data.tokenizer import (
     write_hf_tokenizer_json,
 )
 from mellama_jax.errors import UserError
-from mellama_jax.hf_files import read_hf_tensors, rope_buffer_mismatch, write_safetensors_shards
+from mellama_jax.hf_files import (
+    TensorInfo,
+    hf_weight_files,
+    read_safetensors_index,
+    rope_buffer_mismatch,
+    write_safetensors_shards,
+)
 from mellama_jax.model import abstract_model
 from mellama_jax.outdir import staged_output
 
@@ -246,6 +253,59 @@ def _copy_along(tokenizer: Tokenizer | None, out_dir: pathlib.Path, for_transfor
     if rewrite:
         config = tokenizer.files[0].parent / "tokenizer_config.json"
         write_hf_tokenizer_json(tokenizer, out_dir, read_json_object(config) if config.is_file() else {})
+
+
+# Legacy `pytorch_model*.bin`: opened only with `torch.load(weights_only=True, mmap=True)`, which refuses to
+# unpickle anything but tensors and containers. torch is an optional extra, imported only for these files.
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTensor:
+    """A tensor of a memory-mapped legacy `.bin` state dict."""
+
+    tensor: object  # torch.Tensor; torch is an optional extra, imported only to read `.bin` files
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.read().dtype
+
+    def read(self) -> np.ndarray:
+        import torch
+
+        t = self.tensor
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _read_torch_bin(path: pathlib.Path) -> dict[str, TorchTensor]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path}: reading legacy .bin weights needs torch: pip install 'mellama-jax[hf]'") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...) for unsafe or bad files
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+        raise UserError(f"{path}: not a tensors-only PyTorch state dict, refused ({reason[:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a flat dict of tensors")
+    return {name: TorchTensor(tensor) for name, tensor in state.items()}
+
+
+def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, TensorInfo | TorchTensor]:
+    """Every tensor of an HF folder, by name, as a lazy handle with `shape`, `dtype` and `read()`."""
+    tensors: dict[str, TensorInfo | TorchTensor] = {}
+    for file in hf_weight_files(hf_dir):
+        if file.suffix == ".bin":
+            log.warning("%s: legacy PyTorch weights, read with torch.load(weights_only=True)", file.name)
+            tensors.update(_read_torch_bin(file))
+        else:
+            tensors.update(read_safetensors_index(file))
+    return tensors
 
 
 def convert_hf_to_jax(

@@ -19,7 +19,7 @@ from mellama_jax.checkpoint import restore_params
 from mellama_jax.cli import main
 from mellama_jax.config import ModelConfig
 from mellama_jax.data.tokenizer import load_tokenizer
-from mellama_jax.hf_files import read_hf_tensors
+from mellama_jax.hf import read_hf_tensors
 from mellama_jax.model import with_params
 
 pytestmark = pytest.mark.slow

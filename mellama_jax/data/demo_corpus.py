@@ -33,6 +33,7 @@ from mellama_jax.errors import UserError
 
 MIXTURE = {"biomedical": 15, "clinical": 1, "general": 4}  # shares of the CPT tokens, Me-LLaMA's 15:1:4
 SPECIALS = ("<unk>", "<s>", "</s>")
+VOCAB_SIZE = 1024  # the demo tokenizer's, and the demo model's
 
 CLASSES = ("beta blocker", "statin", "kinase inhibitor", "antibiotic", "anticoagulant", "antiviral")
 ORGANS = ("heart", "liver", "kidney", "lung", "brain", "skin", "pancreas", "stomach")
@@ -357,7 +358,7 @@ def write_demo_data(
     return written
 
 
-def build_demo_tokenizer(texts: list[str], out_dir: str | pathlib.Path, vocab_size: int = 1024) -> None:
+def build_demo_tokenizer(texts: list[str], out_dir: str | pathlib.Path, vocab_size: int = VOCAB_SIZE) -> None:
     """A byte-level BPE trained on `texts`, saved in `out_dir` as tokenizer.json + tokenizer_config.json.
 
     Byte-level, so any text (SFT prompts, eval queries) round-trips; BOS is added as LLaMA's tokenizer adds it.
