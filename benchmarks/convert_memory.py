@@ -26,8 +26,9 @@ import ml_dtypes
 import numpy as np
 
 from mellama_jax.config import PRESETS, ModelConfig
-from mellama_jax.hf import hf_shapes, read_hf_tensors
-from mellama_jax.hf_files import hf_weight_files, read_safetensors_index, write_safetensors_shards
+from mellama_jax.hf.config import hf_config
+from mellama_jax.hf.files import hf_weight_files, read_hf_tensors, read_safetensors_index, write_safetensors_shards
+from mellama_jax.hf.table import hf_shapes
 
 
 def random_bf16(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -40,7 +41,7 @@ def random_bf16(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
 def write_source(preset: str, folder: pathlib.Path, shard_bytes: int) -> int:
     cfg = getattr(ModelConfig, preset)()
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    (folder / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
     shapes = hf_shapes(cfg)
     rng = np.random.default_rng(0)
     specs = [(name, shape, np.dtype(ml_dtypes.bfloat16)) for name, shape in shapes.items()]

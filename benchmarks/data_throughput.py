@@ -54,8 +54,8 @@ def step_rate(cfg: TrainConfig, steps: int) -> float:
     import jax
 
     from mellama_jax.data.synthetic import CountingBatches
-    from mellama_jax.sharding import make_mesh
-    from mellama_jax.train import compile_step, init_state
+    from mellama_jax.model.sharding import make_mesh
+    from mellama_jax.training.step import compile_step, init_state
 
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     state, step = init_state(cfg, mesh), compile_step(cfg, mesh)

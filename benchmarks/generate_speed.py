@@ -58,8 +58,8 @@ def ours(args, weights: str) -> dict[str, list[float]]:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from mellama_jax.generate import Loaded, Sampling, decode_mesh, generate
-    from mellama_jax.hf import params_from_hf
+    from mellama_jax.hf.table import params_from_hf
+    from mellama_jax.inference.generate import Loaded, Sampling, decode_mesh, generate
 
     cfg = model_config(args)
     mesh = decode_mesh(cfg, jax.devices()[:1])
@@ -83,8 +83,10 @@ def torch_side(args, weights: str) -> dict[str, list[float]]:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    from mellama_jax.hf.config import hf_config
+
     torch.set_num_threads(args.threads)
-    model = LlamaForCausalLM(LlamaConfig(**model_config(args).to_hf())).eval()
+    model = LlamaForCausalLM(LlamaConfig(**hf_config(model_config(args)))).eval()
     state = {k: torch.from_numpy(v) for k, v in np.load(weights).items()}
     model.load_state_dict(state, strict=False)  # tied: no lm_head.weight in the file
     model.tie_weights()
@@ -111,8 +113,10 @@ def write_weights(args, path: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mellama_jax.hf.config import hf_config
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**model_config(args).to_hf()))
+    model = LlamaForCausalLM(LlamaConfig(**hf_config(model_config(args))))
     state = {k: v.detach().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     np.savez(path, **state)
 

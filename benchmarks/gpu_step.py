@@ -5,7 +5,7 @@ fp32 master weights and AdamW (β 0.9/0.95, wd 1e-5, clip 1.0) on the same rando
 per row. Ours: the sharded step over every local device (fsdp), `model.attention` flash by default, remat
 full. Torch: one device, bf16 autocast, SDPA attention (flash on GPU), gradient checkpointing. Each side
 runs in its own child process, alternating for `--rounds` rounds of `--steps` timed steps after `--warmup`
-untimed ones. MFU = model FLOPs (plan.train_flops_per_token, causal attention counted) × tokens/s over
+untimed ones. MFU = model FLOPs (model.llama.train_flops_per_token, causal attention counted) × tokens/s over
 the devices' dense bf16 peak. Nothing is asserted: the figures go to BENCHMARKS.md.
 
     python benchmarks/gpu_step.py                                   # on a GPU machine
@@ -42,9 +42,9 @@ def ours(args) -> dict:
     import numpy as np
 
     from mellama_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig
-    from mellama_jax.plan import train_flops_per_token
-    from mellama_jax.sharding import make_mesh
-    from mellama_jax.train import compile_step, init_state
+    from mellama_jax.model.llama import train_flops_per_token
+    from mellama_jax.model.sharding import make_mesh
+    from mellama_jax.training.step import compile_step, init_state
 
     shape, devices = SHAPES[args.shape], jax.local_devices()
     model = ModelConfig(**shape, head_dim=shape["d_model"] // shape["n_heads"], max_seq_len=args.seq_len,
@@ -127,7 +127,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(ours(args) if args.side == "ours" else torch_side(args)))
         return
-    from mellama_jax.devices import RUNNING_PEAK_TFLOPS
+    from mellama_jax.hardware import RUNNING_PEAK_TFLOPS
 
     runs = {"ours": [], "torch": []}
     for _ in range(args.rounds):

@@ -31,10 +31,10 @@ def main() -> None:
     import pathlib
     import time
 
-    from mellama_jax import devices
     from mellama_jax.config_file import load_config
-    from mellama_jax.plan import estimate, layout, resolved_attention, xla_options
-    from mellama_jax.plan_report import Target
+    from mellama_jax.planning import devices
+    from mellama_jax.planning.plan import estimate, layout, resolved_attention, xla_options
+    from mellama_jax.planning.report import Target
 
     root, gib = pathlib.Path(__file__).resolve().parents[1], 2**30
     print(

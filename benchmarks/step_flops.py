@@ -1,7 +1,7 @@
 """Wasted work in the train step: the FLOPs it executes over the FLOPs the model needs.
 
 - Whole step, xla attention: XLA's `cost_analysis()` of the compiled step (every dot and elementwise op:
-  masked-out attention scores, remat's recomputation, the optimizer) over `plan.train_flops_per_token` ×
+  masked-out attention scores, remat's recomputation, the optimizer) over `model.llama.train_flops_per_token` ×
   tokens (3 × forward, causal attention counted once). XLA counts a while loop's body once, whatever its
   trip count, so the step is compiled with one layer (the layer scan runs once) and one micro-batch.
 - Attention alone, per path: the score and value products each path computes, over the causal half that
@@ -23,8 +23,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 def executed(cfg) -> float:
     import jax
 
-    from mellama_jax.sharding import batch_sharding, make_mesh
-    from mellama_jax.train import BATCH_KEYS, abstract_state, compile_step
+    from mellama_jax.model.sharding import batch_sharding, make_mesh
+    from mellama_jax.training.step import BATCH_KEYS, abstract_state, compile_step
 
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     rows = jax.ShapeDtypeStruct((cfg.global_batch, cfg.seq_len), "int32", sharding=batch_sharding(mesh))
@@ -35,7 +35,7 @@ def executed(cfg) -> float:
 
 def attention_share(seq_len: int) -> dict[str, float]:
     """Score tiles each path computes, over the causal half the model needs."""
-    from mellama_jax.attention import flash_blocks
+    from mellama_jax.model.attention import flash_blocks
 
     needed = seq_len * (seq_len + 1) / 2
     padded, blocks = flash_blocks(seq_len)
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     from mellama_jax.config import MeshConfig, ModelConfig, TrainConfig
-    from mellama_jax.plan import train_flops_per_token
+    from mellama_jax.model.llama import train_flops_per_token
 
     print(f"d {args.d_model}, 1 layer, vocab 32000, {args.batch} x {args.seq_len} tokens, fp32, CPU compile")
     print("| step (xla attention) | model GFLOP | executed GFLOP | executed / model |\n|---|---|---|---|")

@@ -36,8 +36,8 @@ def ours(args) -> list[float]:
     import numpy as np
 
     from mellama_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig
-    from mellama_jax.sharding import make_mesh
-    from mellama_jax.train import compile_step, init_state
+    from mellama_jax.model.sharding import make_mesh
+    from mellama_jax.training.step import compile_step, init_state
 
     model = ModelConfig(
         **SHAPE, n_kv_heads=SHAPE["n_heads"], head_dim=SHAPE["d_model"] // SHAPE["n_heads"],

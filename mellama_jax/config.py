@@ -77,19 +77,6 @@ class ModelConfig:
         defaults = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "ffn_dim": 172}
         return cls(**{**defaults, "max_seq_len": 256, "dtype": "float32", "remat": "none", **kw})
 
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], **kw) -> ModelConfig:
-        """Reads a HF `LlamaForCausalLM` config dict; refuses any attribute we do not implement."""
-        from mellama_jax.hf_config import fields_from_hf
-
-        return cls(**fields_from_hf(hf), **kw)
-
-    def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict that transformers 4.x and 5.x both read (rope_theta at top level)."""
-        from mellama_jax.hf_config import to_hf
-
-        return to_hf(self)
-
 
 _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 

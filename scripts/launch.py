@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from mellama_jax.gpu_flags import gpu_ids
+from mellama_jax.hardware import gpu_ids
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 

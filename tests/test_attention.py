@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mellama_jax import attention
-from mellama_jax.attention import attend, attention_mask, flash, flash_blocks
 from mellama_jax.config import MeshConfig, ModelConfig, TrainConfig
 from mellama_jax.errors import UserError
-from mellama_jax.model import Llama, with_params
-from mellama_jax.sharding import activation_mesh, batch_sharding, make_mesh
-from mellama_jax.train import init_state, loss_sums
+from mellama_jax.model import attention
+from mellama_jax.model.attention import attend, attention_mask, flash, flash_blocks
+from mellama_jax.model.llama import Llama, with_params
+from mellama_jax.model.sharding import activation_mesh, batch_sharding, make_mesh
+from mellama_jax.training.step import init_state, loss_sums
 
 # Errors are measured relative to the largest reference value. fp32: both sides compute in fp32 and differ
 # only in summation order and exp vs exp2 (measured <= 6e-7); 1e-5 leaves a 15x margin. bf16: both round

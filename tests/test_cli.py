@@ -9,7 +9,7 @@ import pytest
 from mellama_jax.config import ModelConfig, TrainConfig
 from mellama_jax.config_file import load_config
 from mellama_jax.errors import UserError
-from mellama_jax.plan import param_count, train_flops_per_token
+from mellama_jax.model.llama import param_count, train_flops_per_token
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -8,6 +8,7 @@ import pytest
 from mellama_jax.config import ModelConfig
 from mellama_jax.config_file import load_config
 from mellama_jax.errors import UserError
+from mellama_jax.hf.config import from_hf_config, hf_config
 
 # A real LLaMA-2-13B config.json as transformers 4.x wrote it (values from the paper's table).
 LLAMA2_13B_HF = {
@@ -37,7 +38,7 @@ LLAMA2_13B_HF = {
 
 
 def test_presets_match_the_paper():
-    assert ModelConfig.llama2_13b() == ModelConfig.from_hf(LLAMA2_13B_HF)
+    assert ModelConfig.llama2_13b() == from_hf_config(LLAMA2_13B_HF)
     big = ModelConfig.llama2_70b()
     assert (big.n_layers, big.d_model, big.n_heads, big.n_kv_heads, big.ffn_dim) == (80, 8192, 64, 8, 28672)
     assert (big.rms_eps, big.rope_theta, big.max_seq_len, big.tie_embeddings) == (1e-5, 10000.0, 4096, False)
@@ -47,22 +48,22 @@ def test_rope_theta_at_top_level_or_in_rope_parameters():
     top = {**LLAMA2_13B_HF, "rope_theta": 500000.0}
     v5 = {**LLAMA2_13B_HF, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
     del v5["rope_scaling"]
-    assert ModelConfig.from_hf(top).rope_theta == ModelConfig.from_hf(v5).rope_theta == 500000.0
+    assert from_hf_config(top).rope_theta == from_hf_config(v5).rope_theta == 500000.0
 
 
 def test_head_dim_and_kv_heads_default_like_transformers():
     hf = {k: v for k, v in LLAMA2_13B_HF.items() if k != "num_key_value_heads"}
-    cfg = ModelConfig.from_hf(hf)
+    cfg = from_hf_config(hf)
     assert (cfg.n_kv_heads, cfg.head_dim) == (40, 128)
-    assert ModelConfig.from_hf({**hf, "head_dim": 64}).head_dim == 64
+    assert from_hf_config({**hf, "head_dim": 64}).head_dim == 64
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama2_7b", "llama2_70b"])
 def test_to_hf_and_back_is_identity(preset):
     cfg = dataclasses.replace(getattr(ModelConfig, preset)(), tie_embeddings=True, rope_theta=1e6)
-    hf = cfg.to_hf()
+    hf = hf_config(cfg)
     assert hf["rope_theta"] == 1e6 and hf["rope_scaling"] is None
-    assert ModelConfig.from_hf(hf, dtype=cfg.dtype, remat=cfg.remat) == cfg
+    assert from_hf_config(hf, dtype=cfg.dtype, remat=cfg.remat) == cfg
 
 
 @pytest.mark.parametrize(
@@ -81,14 +82,14 @@ def test_to_hf_and_back_is_identity(preset):
 )
 def test_unsupported_hf_attributes_are_refused_by_name(attribute, value):
     with pytest.raises(UserError, match=attribute) as err:
-        ModelConfig.from_hf({**LLAMA2_13B_HF, attribute: value})
+        from_hf_config({**LLAMA2_13B_HF, attribute: value})
     assert "\n" not in str(err.value)
 
 
 def test_missing_required_hf_attribute():
     hf = {k: v for k, v in LLAMA2_13B_HF.items() if k != "hidden_size"}
     with pytest.raises(UserError, match="hidden_size"):
-        ModelConfig.from_hf(hf)
+        from_hf_config(hf)
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ from test_hf_parity import BASE, CONFIGS, LOGIT_TOL, reference_model
 from mellama_jax.checkpoint import restore_params
 from mellama_jax.config import ModelConfig
 from mellama_jax.errors import UserError
-from mellama_jax.hf import convert_hf_to_jax, export_hf
-from mellama_jax.hf_files import hf_weight_files, read_safetensors_index
-from mellama_jax.model import with_params
+from mellama_jax.hf.config import hf_config
+from mellama_jax.hf.convert import convert_hf_to_jax, export_hf
+from mellama_jax.hf.files import hf_weight_files, read_safetensors_index
+from mellama_jax.model.llama import with_params
 
 torch = pytest.importorskip("torch")
 
@@ -74,6 +75,6 @@ def test_converter_names_a_shape_mismatch_from_headers(tmp_path):
 
 
 def test_converter_refuses_folder_without_weights(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(BASE.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(BASE)))
     with pytest.raises(UserError, match="no model.safetensors"):
         convert_hf_to_jax(tmp_path, tmp_path / "ours")

@@ -13,8 +13,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from mellama_jax.checkpoint import restore_params
 from mellama_jax.cli import main
-from mellama_jax.hf import params_to_hf
-from mellama_jax.hf_files import hf_weight_files, read_safetensors_index
+from mellama_jax.hf.config import hf_config
+from mellama_jax.hf.files import hf_weight_files, read_safetensors_index
+from mellama_jax.hf.table import params_to_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -104,7 +105,7 @@ def test_jax_to_hf_reads_the_latest_complete_step_of_a_training_run(tmp_path, ca
 def test_legacy_bin_weights_convert_with_a_warning(tmp_path, capsys):
     model = reference_model(CFG)
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(CFG.to_hf()))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(CFG)))
     torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
     write_tokenizer(tmp_path / "hf")
     code, err = cli(capsys, "hf-to-jax", tmp_path / "hf", tmp_path / "ours")

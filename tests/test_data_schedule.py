@@ -10,7 +10,7 @@ import pytest
 from mellama_jax.config import DataConfig, ModelConfig, SourceConfig, TrainConfig
 from mellama_jax.data.cpt import Mixture, Stream, cpt_batches, mixture_tokens
 from mellama_jax.errors import UserError
-from mellama_jax.loop import resolve_steps
+from mellama_jax.training.loop import resolve_steps
 
 BOS, EOS = 1, 2
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tokenizers
 
-from mellama_jax import decontaminate as dc
 from mellama_jax.cli import main
 from mellama_jax.errors import UserError
+from mellama_jax.evaluation import decontaminate as dc
 from mellama_jax.evaluation import tasks
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from mellama_jax.cli import main
-from mellama_jax.demo import DemoSettings, chance, run_demo
+from mellama_jax.demo.pipeline import DemoSettings, chance, run_demo
 from mellama_jax.errors import UserError
 
 # The default demo with 200 CPT and 200 LoRA steps instead of 300 and 500: about 2 min on 2 idle cores.
@@ -76,7 +76,7 @@ def test_a_foreign_folder_or_a_file_is_refused(tmp_path):
 
 KILLED = """
 import sys
-from mellama_jax.demo import DemoSettings, run_demo
+from mellama_jax.demo.pipeline import DemoSettings, run_demo
 run_demo(sys.argv[1], DemoSettings(**eval(sys.argv[2])))
 """
 

@@ -9,9 +9,9 @@ import sentencepiece as spm
 import transformers
 from sklearn.metrics import accuracy_score
 
-from mellama_jax.data.demo_corpus import SFT_VARIANTS, items, make_world, reply, write_demo_data
 from mellama_jax.data.sft import turns
 from mellama_jax.data.tokenizer import load_tokenizer
+from mellama_jax.demo.corpus import SFT_VARIANTS, items, make_world, reply, write_demo_data
 from mellama_jax.errors import UserError
 from mellama_jax.evaluation.tasks import MIBE, TASKS, select
 

@@ -170,7 +170,7 @@ def test_a_read_only_run_dir_is_refused_in_one_line(tmp_path, read_only, capsys)
 
 
 def test_a_lock_that_cannot_be_written_leaves_no_empty_lock_file(small_disk):
-    from mellama_jax.run_dir import RunLock
+    from mellama_jax.training.run_dir import RunLock
 
     run = small_disk / "run"
     run.mkdir()

@@ -20,8 +20,8 @@ from mellama_jax.cli import main
 from mellama_jax.config import ModelConfig
 from mellama_jax.evaluation import harness
 from mellama_jax.evaluation.tasks import MIBE, TASKS
-from mellama_jax.model import Llama
-from mellama_jax.run_dir import RunLock
+from mellama_jax.model.llama import Llama
+from mellama_jax.training.run_dir import RunLock
 
 SYNTHETIC = pathlib.Path(__file__).parent / "data" / "mibe"
 # tasks whose metrics are accuracy and macro-F1 over single labels (DESIGN §2)

@@ -17,8 +17,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mellama_jax.config import MeshConfig, ModelConfig, TrainConfig
-from mellama_jax.sharding import activation_mesh, batch_sharding, make_mesh
-from mellama_jax.train import BATCH_KEYS, abstract_state, state_shardings, train_step
+from mellama_jax.model.sharding import activation_mesh, batch_sharding, make_mesh
+from mellama_jax.training.step import BATCH_KEYS, abstract_state, state_shardings, train_step
 
 MODEL = ModelConfig.tiny(
     vocab_size=256, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, dtype="bfloat16", remat="full"

@@ -20,15 +20,15 @@ from test_convert_cli import write_tokenizer
 from test_hf_parity import BASE, CONFIGS, reference_model
 from tokenizers import Tokenizer
 
-from mellama_jax import generate as gen
-from mellama_jax.checkpoint import finish_checkpoints, run_manager, save_checkpoint
 from mellama_jax.cli import main
 from mellama_jax.config import MeshConfig
 from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.errors import UserError
-from mellama_jax.hf import convert_hf_to_jax
-from mellama_jax.model import Llama, init_cache
-from mellama_jax.sharding import make_mesh
+from mellama_jax.hf.convert import convert_hf_to_jax
+from mellama_jax.inference import generate as gen
+from mellama_jax.model.llama import Llama, init_cache
+from mellama_jax.model.sharding import make_mesh
+from mellama_jax.training.checkpoints import finish_checkpoints, run_manager, save_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

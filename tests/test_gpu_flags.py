@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mellama_jax import gpu_flags
+from mellama_jax import hardware
+from mellama_jax.training import gpu_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,15 +57,15 @@ def test_nothing_is_set_without_a_gpu(monkeypatch):
 )
 def test_a_gpu_is_found_before_jax_starts(monkeypatch, env, plugin, nodes, expected):
     monkeypatch.setattr(gpu_flags, "_cuda_plugin_installed", lambda: plugin)
-    monkeypatch.setattr(gpu_flags, "_device_nodes", lambda: [f"/dev/nvidia{i}" for i in range(nodes)])
+    monkeypatch.setattr(hardware, "_device_nodes", lambda: [f"/dev/nvidia{i}" for i in range(nodes)])
     assert gpu_flags.gpu_present(env) is expected
 
 
 def test_gpu_ids(monkeypatch):
-    monkeypatch.setattr(gpu_flags, "_device_nodes", lambda: ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2"])
-    assert gpu_flags.gpu_ids({}) == ["0", "1", "2"]
-    assert gpu_flags.gpu_ids({"CUDA_VISIBLE_DEVICES": "4, 5"}) == ["4", "5"]
-    assert gpu_flags.gpu_ids({"CUDA_VISIBLE_DEVICES": "0,1,-1,2"}) == ["0", "1"]  # CUDA stops at -1
+    monkeypatch.setattr(hardware, "_device_nodes", lambda: ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2"])
+    assert hardware.gpu_ids({}) == ["0", "1", "2"]
+    assert hardware.gpu_ids({"CUDA_VISIBLE_DEVICES": "4, 5"}) == ["4", "5"]
+    assert hardware.gpu_ids({"CUDA_VISIBLE_DEVICES": "0,1,-1,2"}) == ["0", "1"]  # CUDA stops at -1
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -87,7 +88,9 @@ def test_every_flag_is_known_to_this_xla():
 
 TRAIN = """
 import sys, jax
-from mellama_jax import cli, gpu_flags, loop
+from mellama_jax import cli
+from mellama_jax.training import gpu_flags
+from mellama_jax.training import loop
 gpu_flags.gpu_present = lambda env: True
 gpu_flags.FLAGS["xla_force_host_platform_device_count"] = "3"  # visible only if read when jax starts
 loop.train = lambda cfg: print("devices", jax.device_count()) or []
@@ -106,5 +109,7 @@ def test_mellama_train_sets_the_flags_before_jax_starts():
 
 
 def test_the_flags_print_for_extending_them():
-    done = subprocess.run([sys.executable, "-m", "mellama_jax.gpu_flags"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mellama_jax.training.gpu_flags"], capture_output=True, text=True, check=True
+    )
     assert done.stdout.strip() == gpu_flags.xla_flags()

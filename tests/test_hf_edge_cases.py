@@ -18,7 +18,8 @@ from mellama_jax.checkpoint import restore_params
 from mellama_jax.cli import main
 from mellama_jax.config import ModelConfig
 from mellama_jax.errors import UserError
-from mellama_jax.hf import params_from_hf
+from mellama_jax.hf.config import from_hf_config, hf_config
+from mellama_jax.hf.table import params_from_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,7 +37,7 @@ def write_hf(folder, cfg=CFG, dtype="float32", extra=None, fmt="safetensors", ed
     """A tiny HF folder (config.json, weights, tokenizer); returns the torch model, in `dtype`."""
     model = reference_model(cfg).to(getattr(torch, dtype))
     folder.mkdir()
-    config = {**cfg.to_hf(), "torch_dtype": dtype, **(edit or {})}
+    config = {**hf_config(cfg), "torch_dtype": dtype, **(edit or {})}
     (folder / "config.json").write_text(json.dumps(config))
     state = {k: v.contiguous() for k, v in {**model.state_dict(), **(extra or {})}.items()}
     if fmt == "bin":
@@ -51,7 +52,7 @@ def hf_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """transformers' own RoPE buffer for this config (float32)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    return LlamaRotaryEmbedding(transformers.LlamaConfig(**cfg.to_hf())).inv_freq.clone()
+    return LlamaRotaryEmbedding(transformers.LlamaConfig(**hf_config(cfg))).inv_freq.clone()
 
 
 def cli(capsys, *argv):
@@ -88,7 +89,7 @@ def test_safetensors_header_whose_offsets_do_not_fit_the_shape_is_refused(tmp_pa
     header = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}).encode()
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(24))
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(CFG.to_hf()))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(CFG)))
     message = refused(capsys, "hf-to-jax", tmp_path / "hf", tmp_path / "ours")
     assert "model.safetensors: not a readable safetensors file" in message and "tensor 'w'" in message
 
@@ -116,7 +117,7 @@ def test_config_json_of_the_wrong_shape_or_types_is_refused_by_attribute(tmp_pat
     edit, message = CONFIG_REFUSALS[case]
     write_hf(tmp_path / "hf")
     config = tmp_path / "hf" / "config.json"
-    hf = {**transformers.LlamaConfig(**CFG.to_hf()).to_dict(), "torch_dtype": "float32"}  # transformers 5's layout
+    hf = {**transformers.LlamaConfig(**hf_config(CFG)).to_dict(), "torch_dtype": "float32"}  # transformers 5's layout
     config.write_text(json.dumps(edit(hf) if callable(edit) else {**hf, **edit}))
     assert re.search(message, refused(capsys, "hf-to-jax", tmp_path / "hf", tmp_path / "ours"))
     assert not (tmp_path / "ours").exists()
@@ -158,9 +159,9 @@ def test_mixed_or_float64_weights_need_an_explicit_dtype(tmp_path, capsys):
 
 def test_null_kv_heads_and_head_dim_mean_what_transformers_makes_of_them(tmp_path, capsys):
     cfg = dataclasses.replace(CFG, n_kv_heads=CFG.n_heads)
-    hf = {**cfg.to_hf(), "num_key_value_heads": None, "head_dim": None}
+    hf = {**hf_config(cfg), "num_key_value_heads": None, "head_dim": None}
     theirs = transformers.LlamaConfig(**hf)
-    ours = ModelConfig.from_hf(hf)
+    ours = from_hf_config(hf)
     assert (ours.n_kv_heads, ours.head_dim) == (theirs.num_key_value_heads, theirs.head_dim) == (4, 16)
     write_hf(tmp_path / "hf", cfg, edit={"num_key_value_heads": None, "head_dim": None})
     assert cli(capsys, "hf-to-jax", tmp_path / "hf", tmp_path / "ours")[0] == 0
@@ -170,12 +171,12 @@ def test_null_kv_heads_and_head_dim_mean_what_transformers_makes_of_them(tmp_pat
 
 @pytest.mark.parametrize("nested", ["rope_parameters", "rope_scaling"])
 def test_rope_theta_given_twice_is_accepted_when_both_agree(nested):
-    hf = {**CFG.to_hf(), "rope_theta": 500000, nested: {"rope_type": "default", "rope_theta": 500000.0}}
-    assert ModelConfig.from_hf(hf).rope_theta == 500000.0
+    hf = {**hf_config(CFG), "rope_theta": 500000, nested: {"rope_type": "default", "rope_theta": 500000.0}}
+    assert from_hf_config(hf).rope_theta == 500000.0
     if nested == "rope_parameters":  # transformers 5 reads this layout (and prefers it when the two differ)
         assert transformers.LlamaConfig(**hf).rope_parameters["rope_theta"] == 500000.0
     with pytest.raises(UserError, match=rf"rope_theta=500000\.0 and {nested}\.rope_theta=500001\.0 disagree"):
-        ModelConfig.from_hf({**hf, nested: {"rope_type": "default", "rope_theta": 500001.0}})
+        from_hf_config({**hf, nested: {"rope_type": "default", "rope_theta": 500001.0}})
 
 
 # --- RoPE buffers of LLaMA-2-era checkpoints ------------------------------------------------------------
@@ -303,4 +304,4 @@ def test_jax_to_hf_refuses_a_generation_config_that_is_not_an_object(tmp_path, c
     (ours / "generation_config.json").unlink()
     assert message.endswith("generation_config.json: expected a JSON object, got a list")
     with pytest.raises(UserError, match=r"^config\.json: expected a JSON object of attributes, got a list$"):
-        ModelConfig.from_hf([config])  # the library entry point checks too
+        from_hf_config([config])  # the library entry point checks too

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from test_hf_parity import BASE, CONFIGS, LOGIT_TOL, numpy_state, reference_model
 
-from mellama_jax.hf import export_hf, params_from_hf
-from mellama_jax.hf_files import read_safetensors_index
-from mellama_jax.model import with_params
+from mellama_jax.hf.convert import export_hf
+from mellama_jax.hf.files import read_safetensors_index
+from mellama_jax.hf.table import params_from_hf
+from mellama_jax.model.llama import with_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from mellama_jax.config import ModelConfig
-from mellama_jax.hf import params_from_hf, params_to_hf
-from mellama_jax.model import with_params
+from mellama_jax.hf.config import from_hf_config, hf_config
+from mellama_jax.hf.table import params_from_hf, params_to_hf
+from mellama_jax.model.llama import with_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,7 +32,7 @@ LOGIT_TOL = 1e-4  # max |Δlogit|, fp32 on both sides
 def reference_model(cfg: ModelConfig, seed: int = 0):
     """A random HF model; norm weights are randomised too so they are tested, not left at 1."""
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**cfg.to_hf(), attn_implementation="eager")
+    hf_cfg = transformers.LlamaConfig(**hf_config(cfg), attn_implementation="eager")
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -86,9 +87,9 @@ def test_hf_to_ours_to_hf_is_bit_identical(name, dtype):
 
 def test_transformers_reads_our_config_and_we_read_its_own():
     cfg = dataclasses.replace(BASE, **CONFIGS["mqa-theta500k-tied"])
-    hf_cfg = transformers.LlamaConfig(**cfg.to_hf())
+    hf_cfg = transformers.LlamaConfig(**hf_config(cfg))
     assert hf_cfg.num_key_value_heads == 1
     assert hf_cfg.tie_word_embeddings is True
     # transformers 5 moves rope_theta into rope_parameters; our reader takes either form.
     assert hf_cfg.to_dict()["rope_parameters"]["rope_theta"] == 500000.0
-    assert ModelConfig.from_hf(hf_cfg.to_dict(), dtype="float32", remat="none") == cfg
+    assert from_hf_config(hf_cfg.to_dict(), dtype="float32", remat="none") == cfg

@@ -5,7 +5,7 @@ import pytest
 
 from mellama_jax.config import ModelConfig
 from mellama_jax.errors import UserError
-from mellama_jax.hf import hf_names, params_from_hf, params_to_hf
+from mellama_jax.hf.table import hf_names, params_from_hf, params_to_hf
 
 CFG = ModelConfig.tiny(vocab_size=32, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, ffn_dim=12, n_layers=2)
 

@@ -13,7 +13,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from mellama_jax.checkpoint import restore_params
 from mellama_jax.cli import main
 from mellama_jax.config import ModelConfig
-from mellama_jax.model import with_params
+from mellama_jax.model.llama import with_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

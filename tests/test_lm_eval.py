@@ -19,7 +19,7 @@ from test_hf_parity import BASE, CONFIGS, reference_model
 
 from mellama_jax.cli import main
 from mellama_jax.errors import UserError
-from mellama_jax.hf import params_to_hf
+from mellama_jax.hf.table import params_to_hf
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'mellama-jax[lmeval]'")
 torch = pytest.importorskip("torch")
@@ -28,8 +28,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from mellama_jax import generate  # noqa: E402
 from mellama_jax.evaluation.lm_eval import MellamaLM  # noqa: E402
+from mellama_jax.hf.config import hf_config  # noqa: E402
+from mellama_jax.inference import generate  # noqa: E402
 
 CFG = dataclasses.replace(BASE, **CONFIGS["gqa"], max_seq_len=64)
 WINDOW = 32  # max_length in these tests: requests longer than it are truncated
@@ -56,7 +57,7 @@ def loaded(checkpoint) -> generate.Loaded:
 @pytest.fixture(scope="module")
 def hf_model(loaded):
     """transformers' model holding exactly the params our loader placed on the mesh."""
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG.to_hf(), attn_implementation="eager"))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(CFG), attn_implementation="eager"))
     state = params_to_hf(jax.tree.map(np.asarray, loaded.params), CFG)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     return model.eval()
@@ -203,7 +204,7 @@ def test_a_dataset_out_of_reach_offline_is_a_one_line_error(monkeypatch, capsys)
 
 
 def test_without_lm_eval_the_package_imports_and_the_command_says_what_to_install(monkeypatch, capsys):
-    blocked = "import sys; sys.modules['lm_eval'] = None; import mellama_jax.cli, mellama_jax.generate"
+    blocked = "import sys; sys.modules['lm_eval'] = None; import mellama_jax.cli, mellama_jax.inference.generate"
     assert subprocess.run([sys.executable, "-c", blocked], capture_output=True, timeout=120).returncode == 0
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith(("lm_eval.", "mellama_jax.evaluation.lm"))]:
         monkeypatch.delitem(sys.modules, name)

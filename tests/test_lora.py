@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 from test_train import assert_trees_close, packed_batch, run
 
-from mellama_jax import lora, plan
-from mellama_jax.checkpoint import find_params, restore_params
+from mellama_jax.checkpoint import LORA_CONFIG, find_params, restore_params
 from mellama_jax.config import LoraConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from mellama_jax.errors import UserError
-from mellama_jax.hf import convert_jax_to_hf, export_hf
-from mellama_jax.loop import train
-from mellama_jax.model import with_params
-from mellama_jax.sharding import make_mesh
-from mellama_jax.train import abstract_state, init_state, loss_sums, state_shardings
+from mellama_jax.hf.convert import convert_jax_to_hf, export_hf
+from mellama_jax.model import lora
+from mellama_jax.model.llama import with_params
+from mellama_jax.model.sharding import make_mesh
+from mellama_jax.planning import plan
+from mellama_jax.training.loop import train
+from mellama_jax.training.step import abstract_state, init_state, loss_sums, state_shardings
 
 MODEL = ModelConfig.tiny(vocab_size=128, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, init_std=0.1)
 RANK = 4
@@ -188,7 +189,7 @@ def test_hf_exports_compute_our_logits(lora_run, tmp_path):
 def test_generate_and_eval_load_a_lora_run_with_its_adapters_folded_in(lora_run, tmp_path):
     from test_convert_cli import write_tokenizer
 
-    from mellama_jax.generate import load
+    from mellama_jax.inference.generate import load
 
     state = saved_state(lora_run, 6)
     tokens = np.random.default_rng(3).integers(0, MODEL.vocab_size, (2, 16))
@@ -204,7 +205,7 @@ def test_adapter_only_refuses_a_run_without_adapters(lora_run, tmp_path):
     with pytest.raises(UserError, match="a LoRA run"):  # init_from would otherwise start from the bare base
         find_params(lora_run)
     shutil.copytree(lora_run, tmp_path / "run")
-    (tmp_path / "run" / lora.LORA_CONFIG).unlink()
+    (tmp_path / "run" / LORA_CONFIG).unlink()
     with pytest.raises(UserError, match="adapter-only needs a LoRA training run"):
         convert_jax_to_hf(tmp_path / "run", tmp_path / "out", adapter_only=True)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mellama_jax.attention import attention_mask
 from mellama_jax.config import ModelConfig
-from mellama_jax.model import Llama, RMSNorm, abstract_model, init_cache, rope
+from mellama_jax.model.attention import attention_mask
+from mellama_jax.model.llama import Llama, RMSNorm, abstract_model, init_cache, rope
 
 CFG = ModelConfig.tiny(vocab_size=256, init_std=0.1)
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers"}
@@ -53,7 +53,7 @@ def test_every_parameter_has_one_logical_name_per_axis():
 
 
 def test_model_source_names_no_mesh_axis():
-    source = (pathlib.Path(__file__).parents[1] / "mellama_jax" / "model.py").read_text()
+    source = (pathlib.Path(__file__).parents[1] / "mellama_jax" / "model" / "llama.py").read_text()
     for axis in ('"data"', '"fsdp"', '"tensor"', "'data'", "'fsdp'", "'tensor'"):
         assert axis not in source
 

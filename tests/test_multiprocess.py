@@ -13,8 +13,8 @@ import pytest
 
 from mellama_jax.checkpoint import restore_params
 from mellama_jax.config import DistributedConfig
-from mellama_jax.distributed import initialize, launcher
 from mellama_jax.errors import UserError
+from mellama_jax.training.distributed import initialize, launcher
 
 CONFIG = """
 model: {preset: tiny, vocab_size: 256, d_model: 32, n_heads: 4, n_kv_heads: 2, head_dim: 8, ffn_dim: 64}

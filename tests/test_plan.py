@@ -12,12 +12,13 @@ import sys
 
 import pytest
 
-from mellama_jax import devices as dev
+from mellama_jax import hardware
 from mellama_jax.config import MeshConfig, ModelConfig, TrainConfig
 from mellama_jax.config_file import load_config
 from mellama_jax.errors import UserError
-from mellama_jax.plan import Layout, estimate, layout, measure, problems, xla_options
-from mellama_jax.plan_report import Target, report
+from mellama_jax.planning import devices as dev
+from mellama_jax.planning.plan import Layout, estimate, layout, measure, problems, xla_options
+from mellama_jax.planning.report import Target, report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(
@@ -47,7 +48,7 @@ def proto(text: str) -> dict[str, float | str]:
 
 @pytest.mark.parametrize("kind, reference", [("a100-80g", "a100_sxm_80.txtpb"), ("h100-80g", "h100_sxm.txtpb")])
 def test_our_gpu_target_configs_state_the_reference_facts(shared_data, kind, reference):
-    ours = proto(dev.KINDS[kind].gpu.target_config())
+    ours = proto(hardware.KINDS[kind].gpu.target_config())
     theirs = proto((shared_data / "gpu_targets" / reference).read_text())
     for key in ours.keys() | theirs.keys():  # proto3: an absent number is 0
         assert ours.get(key, 0.0) == theirs.get(key, 0.0), key
@@ -65,9 +66,9 @@ def test_the_step_compiled_for_our_target_uses_the_memory_it_does_for_the_refere
     lay = Layout(2, 8, 1, 2, 1)
     text = (shared_data / "gpu_targets" / reference).read_text()
     devices = topologies.get_topology_desc(platform="cuda", target_config=text, topology="1x2x8").devices
-    target = Target(dev.KINDS[kind], 16)
-    ours, theirs = target.measure(cfg, lay), measure(cfg, Target(dev.KINDS[kind], 16, devices).mesh(lay))
-    assert target.mesh(lay).devices.flat[0].device_kind == dev.KINDS[kind].gpu.description
+    target = Target(hardware.KINDS[kind], 16)
+    ours, theirs = target.measure(cfg, lay), measure(cfg, Target(hardware.KINDS[kind], 16, devices).mesh(lay))
+    assert target.mesh(lay).devices.flat[0].device_kind == hardware.KINDS[kind].gpu.description
     assert ours.temp > GIB
     for field in ("params", "opt_state", "batch", "temp", "outputs", "code"):
         assert getattr(ours, field) == pytest.approx(getattr(theirs, field), rel=0.01), field
@@ -185,7 +186,7 @@ def test_search_lists_fitting_layouts_fastest_first():
                     r"\d+, 8 fit", lines[start])  # fmt: skip
     table = [line.split() for line in lines[start + 2 :]]
     flops = [float(row[-3]) for row in table]  # PFLOP per device: remat's recompute counted
-    assert flops == sorted(flops) and all(float(row[-4]) < dev.cpu_kind(8).budget / GIB for row in table)
+    assert flops == sorted(flops) and all(float(row[-4]) < hardware.cpu_kind(8).budget / GIB for row in table)
     assert table[0][10] in ("none", "save_dots") and table[0][9] == "1"  # no recompute, one micro-batch: fastest
 
 
@@ -204,14 +205,14 @@ def test_estimate_only_without_a_device_kind():
 @pytest.mark.parametrize("kind, device_kind", [("tpu-v4", "TPU v4"), ("tpu-v5p", "TPU v5"), ("tpu-v5e", "TPU v5 lite")])
 def test_tpu_kinds_compile_the_step(kind, device_kind):
     cfg = config("tiny.yaml", "micro_batches=1")
-    target = Target(dev.KINDS[kind], 8)
+    target = Target(hardware.KINDS[kind], 8)
     lay = layout(cfg, 8)
     assert target.mesh(lay).devices.flat[0].device_kind == device_kind
     assert target.measure(cfg, lay).total > estimate(cfg, lay, "tpu").params
 
 
 def test_tpu_slices_are_named_as_libtpu_names_them():
-    v4, v5e = dev.KINDS["tpu-v4"], dev.KINDS["tpu-v5e"]
+    v4, v5e = hardware.KINDS["tpu-v4"], hardware.KINDS["tpu-v5e"]
     assert dev.tpu_topology(v4, 4) == ("v4:2x2x1", (2, 2, 1))
     assert dev.tpu_topology(v4, 128) == ("v4:4x4x8", (2, 2, 1))
     assert dev.tpu_topology(v4, 2) == ("v4:1x1x2", (1, 1, 2))  # one host
@@ -220,12 +221,12 @@ def test_tpu_slices_are_named_as_libtpu_names_them():
 
 
 def test_the_gpu_flags_are_compiled_in_unless_xla_flags_names_gpu_flags(monkeypatch):
-    options = xla_options(dev.KINDS["a100-80g"])
+    options = xla_options(hardware.KINDS["a100-80g"])
     assert options["xla_gpu_enable_latency_hiding_scheduler"] is True
     assert options["xla_gpu_all_gather_combine_threshold_bytes"] == 2**28
-    assert xla_options(dev.KINDS["tpu-v4"]) is None
+    assert xla_options(hardware.KINDS["tpu-v4"]) is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
-    assert xla_options(dev.KINDS["a100-80g"]) is None
+    assert xla_options(hardware.KINDS["a100-80g"]) is None
 
 
 def test_without_the_extra_the_error_says_which_to_install(monkeypatch):
@@ -236,4 +237,4 @@ def test_without_the_extra_the_error_says_which_to_install(monkeypatch):
 
     monkeypatch.setattr(topologies, "get_topology_desc", missing)
     with pytest.raises(UserError, match=r"a100-80g: compiling for it needs `pip install 'mellama-jax\[cuda\]'`"):
-        dev.compile_only_devices(dev.KINDS["a100-80g"], 8)
+        dev.compile_only_devices(hardware.KINDS["a100-80g"], 8)

@@ -18,6 +18,7 @@ import pytest
 from test_launch import FAKE_SRUN, ROOT, cpu_env
 
 from mellama_jax.config import ModelConfig
+from mellama_jax.hf.config import hf_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -70,7 +71,7 @@ def test_every_command_of_the_scale_section_runs_at_tiny_scale(tmp_path, shared_
     assert "--device-kind a100-80g" in plan and resume == sbatch  # plan --device-kind: tested where it is built
 
     # what the README starts from: LLaMA-2 in HF format, three corpora, this checkout's configs/ and scripts/
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ModelConfig.tiny().to_hf()))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(ModelConfig.tiny())))
     model.save_pretrained(tmp_path / "Llama-2-70b-hf")
     (tmp_path / "Llama-2-70b-hf" / "tokenizer.model").write_bytes((shared_data / "llama2_tokenizer.model").read_bytes())
     write_corpus(tmp_path / "pubmed" / "abstracts.jsonl", "text", 60, seed=0)  # 15 : 1 : 4, as the config weighs

@@ -19,8 +19,8 @@ from mellama_jax.checkpoint import restore_params
 from mellama_jax.cli import main
 from mellama_jax.config import ModelConfig
 from mellama_jax.data.tokenizer import load_tokenizer
-from mellama_jax.hf import read_hf_tensors
-from mellama_jax.model import with_params
+from mellama_jax.hf.files import read_hf_tensors
+from mellama_jax.model.llama import with_params
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mellama_jax.cli import main
-from mellama_jax.run_dir import STALE_AFTER, RunLock
+from mellama_jax.training.run_dir import STALE_AFTER, RunLock
 
 CONFIG = """
 model: {preset: tiny, vocab_size: 256, d_model: 32, n_heads: 4, n_kv_heads: 2, head_dim: 8, ffn_dim: 64}
@@ -149,7 +149,7 @@ def test_a_lock_from_another_host_is_refused_until_its_heartbeat_stops(tmp_path,
 
 
 def test_the_lock_holder_keeps_its_heartbeat(tmp_path, monkeypatch):
-    monkeypatch.setattr("mellama_jax.run_dir.HEARTBEAT", 0.05)
+    monkeypatch.setattr("mellama_jax.training.run_dir.HEARTBEAT", 0.05)
     lock = RunLock(tmp_path)
     lock.acquire()
     try:

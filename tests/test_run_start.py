@@ -8,13 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from mellama_jax.checkpoint import restore_params, run_manager, save_params, stored_arrays
+from mellama_jax.checkpoint import restore_params, save_params, stored_arrays
 from mellama_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from mellama_jax.data.synthetic import CountingBatches
 from mellama_jax.errors import UserError
-from mellama_jax.loop import start_state, train
-from mellama_jax.sharding import make_mesh
-from mellama_jax.train import init_state, state_shardings
+from mellama_jax.model.sharding import make_mesh
+from mellama_jax.training.checkpoints import run_manager
+from mellama_jax.training.loop import start_state, train
+from mellama_jax.training.step import init_state, state_shardings
 
 MODEL = ModelConfig.tiny(vocab_size=256, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64)
 CFG = TrainConfig(

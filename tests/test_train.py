@@ -10,8 +10,8 @@ import pytest
 
 from mellama_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from mellama_jax.errors import UserError
-from mellama_jax.sharding import make_mesh
-from mellama_jax.train import compile_step, init_state, state_shardings
+from mellama_jax.model.sharding import make_mesh
+from mellama_jax.training.step import compile_step, init_state, state_shardings
 
 MODEL = ModelConfig.tiny(vocab_size=128, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, init_std=0.1)
 CFG = TrainConfig(

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 
-from mellama_jax import loop
 from mellama_jax.checkpoint import restore_params
 from mellama_jax.cli import main
 from mellama_jax.config import DataConfig, ModelConfig, SourceConfig, TrainConfig
@@ -25,10 +24,12 @@ from mellama_jax.data.packing import held_out
 from mellama_jax.data.sft import encode, sft_batches, turns
 from mellama_jax.data.tokenizer import load_tokenizer
 from mellama_jax.errors import UserError
-from mellama_jax.metrics_log import MetricsLog
-from mellama_jax.sharding import make_mesh
-from mellama_jax.train import init_state
-from mellama_jax.validation import Evaluator, eval_batches
+from mellama_jax.hf.config import hf_config
+from mellama_jax.model.sharding import make_mesh
+from mellama_jax.training import loop
+from mellama_jax.training.metrics_log import MetricsLog
+from mellama_jax.training.step import init_state
+from mellama_jax.training.validation import Evaluator, eval_batches
 
 WORDS = np.asarray(["patient", "given", "insulin", "metformin", "for", "diabetes", "control", "chest", "pain", "after"])
 MODEL = ModelConfig.tiny(vocab_size=32000, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64)
@@ -189,9 +190,9 @@ def reference_loss(cfg: TrainConfig, params: dict, batches: list[dict]) -> tuple
     each segment of a row is its own sequence, at its own positions (float32 logits, float64 sums)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from mellama_jax.hf import params_to_hf
+    from mellama_jax.hf.table import params_to_hf
 
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.model.to_hf(), attn_implementation="eager"))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg.model), attn_implementation="eager"))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in params_to_hf(params, cfg.model).items()})
     total, count = 0.0, 0
     with torch.no_grad():

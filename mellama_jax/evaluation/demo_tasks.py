@@ -1,4 +1,4 @@
-"""The demo tasks: the held-out facts of the built-in demo corpus (data/demo_corpus.py), in the hosted-eval schema.
+"""The demo tasks: the held-out facts of the built-in demo corpus (demo/corpus.py), in the hosted-eval schema.
 
 They are not MIBE tasks (`suite = "demo"`), so `--tasks all` leaves them out; `mellama demo` names them. Each file
 is written by `write_demo_data` into its eval/ folder; every row lists its own choices and gold index.
@@ -11,10 +11,11 @@ or the end of the first sentence (MC, short answer).
 
 from __future__ import annotations
 
-from mellama_jax.data.demo_corpus import ANSWER_CUE
 from mellama_jax.evaluation import parsers
 from mellama_jax.evaluation.base import Example, Row
 from mellama_jax.evaluation.kinds import ChoiceTask
+
+ANSWER_CUE = "So the answer is"  # between the recalled fact and the answer of a demo SFT reply
 
 
 class DemoTask(ChoiceTask):

@@ -28,9 +28,9 @@ from mellama_jax.checkpoint import find_params
 from mellama_jax.config_file import read_model_config
 from mellama_jax.errors import UserError
 from mellama_jax.evaluation.tasks import TASKS, Example, Task, load_examples
-from mellama_jax.generate import Loaded, Sampling, apply_template, generate, load
+from mellama_jax.inference.generate import Loaded, Sampling, apply_template, generate, load
 from mellama_jax.outdir import replace_file, sha256_of
-from mellama_jax.run_dir import LOCK, RunLock, write_json
+from mellama_jax.training.run_dir import LOCK, RunLock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _check_out(out_dir: pathlib.Path, overwrite: bool) -> dict | None:
 
 def _excluded(report: pathlib.Path, tasks: list[Task], examples: dict[str, list[Example]], data_dir: pathlib.Path):
     """Task name -> the ids `report` found contaminated; a report of other data for a task is refused."""
-    from mellama_jax.decontaminate import contaminated_ids
+    from mellama_jax.evaluation.decontaminate import contaminated_ids
 
     found = contaminated_ids(pathlib.Path(report))
     entries = json.loads(pathlib.Path(report).read_text())["tasks"]

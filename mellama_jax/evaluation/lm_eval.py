@@ -32,11 +32,11 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from mellama_jax import generate
 from mellama_jax.config import ModelConfig
 from mellama_jax.errors import UserError
-from mellama_jax.model import with_params
-from mellama_jax.sharding import RULES, activation_mesh, batch_sharding
+from mellama_jax.inference import generate
+from mellama_jax.model.llama import with_params
+from mellama_jax.model.sharding import RULES, activation_mesh, batch_sharding
 
 log = logging.getLogger(__name__)
 

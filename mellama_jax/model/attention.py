@@ -25,7 +25,7 @@ from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 from jax.sharding import PartitionSpec
 
 from mellama_jax.config import ATTENTION
-from mellama_jax.sharding import current_mesh, spec
+from mellama_jax.model.sharding import current_mesh, spec
 
 # q [B, T, N, H], k [B, S, K, H], v [B, S, K, H] -> [B, T, N, H]
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]

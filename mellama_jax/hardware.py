@@ -1,20 +1,17 @@
-"""The devices a run is planned for, without having them: GPU target configs, TPU topologies, the host's CPUs.
-
-XLA compiles for a GPU it cannot see from a `GpuTargetConfigProto` (the device's facts as text), for a TPU
-from a topology name that libtpu knows. `jax.experimental.topologies` turns either into compile-only devices:
-a mesh can be built over them and a program lowered, compiled and measured (`memory_analysis`), never run.
-Needs the `cuda` extra (jax-cuda12-plugin, -pjrt) or the `tpu` extra (libtpu); jax's own backend stays the
-CPU (`JAX_PLATFORMS=cpu`, which `mellama plan` sets), so no device is opened.
+"""The devices we know, as their makers publish them: memory, dense bf16 peak, and for NVIDIA GPUs the facts
+XLA's GPU compiler needs to compile for one it cannot see (`Gpu.target_config`). Training reads the running
+device's peak for MFU; planning (`planning/`) compiles for these devices without having them. And which of
+them this host has, found as jax's own start-up finds them, without starting jax: no jax here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
+import glob
+import itertools
 import os
-
-from mellama_jax.errors import UserError
+import pathlib
+from collections.abc import Mapping
 
 GIB = 2**30
 
@@ -130,81 +127,6 @@ def cpu_kind(devices: int) -> DeviceKind:
     return dataclasses.replace(KINDS["cpu"], memory_bytes=memory // devices, per_host=devices)
 
 
-def hosts(kind: DeviceKind, devices: int) -> int:
-    """How many hosts `devices` devices of `kind` span (a partial host counts as one)."""
-    return max(1, -(-devices // kind.per_host))
-
-
-def tpu_topology(kind: DeviceKind, chips: int) -> tuple[str, tuple[int, int, int]]:
-    """(slice name, chips per host) for `chips` chips: hosts of 2x2 chips, the slice as nearly cubic (square in
-    2-D) as they allow, e.g. v4:4x8x5; fewer than 4 chips are one host."""
-    sides = [d for d in range(1, chips + 1) if chips % d == 0]
-    even = [d for d in sides if d % 2 == 0]
-    if kind.tpu_dims == 2:
-        shapes = [(a, chips // a) for a in even if a * a <= chips and chips // a % 2 == 0]
-    else:
-        shapes = [(a, b, chips // (a * b)) for a in even for b in even if a <= b and chips % (a * b) == 0]
-    if shapes:
-        shape, bounds = min(shapes, key=lambda s: (max(s), -min(s))), (2, 2, 1)
-    else:  # one host holds them all
-        shape = (1, chips) if kind.tpu_dims == 2 else (1, 1, chips)
-        bounds = (1, chips, 1) if kind.tpu_dims == 2 else (1, 1, chips)
-    return f"{kind.tpu_generation}:" + "x".join(map(str, shape)), bounds
-
-
-@contextlib.contextmanager
-def _libtpu_offline():
-    """What libtpu reads when it loads, set for a host that is no TPU VM: no metadata server to ask, no worker
-    hostnames to find (it warns otherwise), no lock on TPUs it will not open (planners may run side by side)."""
-    settings = {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-                "TPU_ACCELERATOR_TYPE": "v4-8"}  # fmt: skip
-    added = [name for name in settings if name not in os.environ]
-    os.environ.update({name: settings[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            del os.environ[name]
-
-
-def compile_only_devices(kind: DeviceKind, devices: int) -> list:
-    """`devices` devices of `kind` to compile for (never to run on), in the order of their hosts."""
-    import jax
-
-    if kind.platform == "cpu":
-        with contextlib.suppress(RuntimeError):  # refused once jax has started; the count is checked below
-            jax.config.update("jax_num_cpu_devices", devices)
-        found = jax.devices("cpu")
-        if len(found) < devices:
-            raise UserError(f"cpu: this process has {len(found)} CPU devices, not {devices} (jax started already)")
-        return found[:devices]
-    from jax.experimental import topologies
-
-    try:
-        if kind.platform == "cuda":
-            per_host = min(devices, kind.per_host)
-            if devices % per_host:
-                raise UserError(f"{kind.name}: {devices} GPUs do not fill hosts of {per_host}")
-            topology = f"1x{devices // per_host}x{per_host}"  # slices x hosts x devices per host
-            return topologies.get_topology_desc(
-                platform="cuda", topology=topology, target_config=kind.gpu.target_config()
-            ).devices
-        topology, bounds = tpu_topology(kind, devices)
-        with _libtpu_offline():
-            return topologies.get_topology_desc(
-                topology_name=topology, platform="tpu", chip_config_name=kind.chip_config,
-                chips_per_host_bounds=bounds, num_slices=1,
-            ).devices  # fmt: skip
-    except (ImportError, RuntimeError, NotImplementedError) as e:
-        extra = "cuda" if kind.platform == "cuda" else "tpu"
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "not installed" in first or "not implemented" in first or isinstance(e, ImportError):
-            raise UserError(
-                f"{kind.name}: compiling for it needs `pip install 'mellama-jax[{extra}]'` ({first})"
-            ) from None
-        raise UserError(f"{kind.name}: cannot make {devices} compile-only devices: {first}") from None
-
-
 # The name in a running device's `device_kind` ("NVIDIA A100-SXM4-80GB") -> its dense bf16 peak, for MFU.
 # The H200 is an H100 with more memory: the same peak.
 RUNNING_PEAK_TFLOPS = {
@@ -219,10 +141,43 @@ def peak_flops(kind: DeviceKind, override_tflops: float = 0.0) -> float:
     return (override_tflops or kind.peak_tflops) * 1e12
 
 
-def describe(kind: DeviceKind, devices: int) -> str:
-    """'160 x a100-80g (NVIDIA A100-SXM4-80GB, 20 hosts x 8)'."""
-    what = kind.gpu.description if kind.gpu else kind.tpu_generation.upper() or "CPU"
-    if kind.platform == "tpu":
-        what = f"TPU {tpu_topology(kind, devices)[0]}"
-    n_hosts = hosts(kind, devices)
-    return f"{devices} x {kind.name} ({what}, {n_hosts} host{'s' * (n_hosts > 1)} x {math.ceil(devices / n_hosts)})"
+# This host's accelerators, as jax looks for them when it starts (jax/_src/hardware_utils.py): NVIDIA device
+# nodes (WSL2 has /dev/dxg instead), and TPU chips among the PCI devices (Google's vendor id, a TPU device id;
+# Google's network cards share the vendor id).
+NVIDIA_NODES = ("/dev/nvidiactl", "/dev/dxg")
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")  # v3 ... TPU7x
+
+
+def _device_nodes() -> list[str]:
+    return glob.glob("/dev/nvidia[0-9]*")
+
+
+def gpu_ids(env: Mapping[str, str] = os.environ) -> list[str]:
+    """The CUDA ids (or UUIDs) of the NVIDIA GPUs a process started with `env` may use: `CUDA_VISIBLE_DEVICES`
+    when set (CUDA stops at the first -1), else one per `/dev/nvidiaN`."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        ids = (d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(","))
+        return [d for d in itertools.takewhile(lambda d: d != "-1", ids) if d]
+    return [str(i) for i in range(len(_device_nodes()))]
+
+
+def tpu_chips() -> int:
+    """TPU chips attached to this host."""
+    chips = 0
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        folder = pathlib.Path(vendor).parent
+        try:
+            chips += folder.joinpath("vendor").read_text().strip() == GOOGLE_PCI_VENDOR and (
+                folder.joinpath("device").read_text().strip() in TPU_PCI_DEVICES
+            )
+        except OSError:  # a device that went away, or a file we may not read: not a TPU we could use
+            continue
+    return chips
+
+
+def accelerators_visible(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether jax, started with `env`, may find a GPU or TPU here: GPUs that `CUDA_VISIBLE_DEVICES` names, or
+    without it an NVIDIA device node; or a TPU chip."""
+    nodes = "CUDA_VISIBLE_DEVICES" not in env and any(os.path.exists(node) for node in NVIDIA_NODES)
+    return bool(gpu_ids(env)) or nodes or tpu_chips() > 0

@@ -8,16 +8,17 @@ together with an NVIDIA device node (`/dev/nvidia0`, ...) or a `CUDA_VISIBLE_DEV
 (XLA parses GPU flags on every platform and only the GPU compiler reads them); a wrong "no" costs speed only.
 
 `XLA_FLAGS` set by the user, even to nothing, is left exactly as it is. Print ours with
-`python -m mellama_jax.gpu_flags` to extend them: `XLA_FLAGS="$(python -m mellama_jax.gpu_flags) --xla_dump_to=hlo"`.
+`python -m mellama_jax.training.gpu_flags` to extend them:
+`XLA_FLAGS="$(python -m mellama_jax.training.gpu_flags) --xla_dump_to=hlo"`.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib.util
-import itertools
 import os
 from collections.abc import Mapping, MutableMapping
+
+from mellama_jax.hardware import gpu_ids
 
 MIB, GIB = 2**20, 2**30
 
@@ -43,7 +44,7 @@ FLAGS = {
 }
 # More overlap for more memory, not applied by default: they cost 9 GiB per device on 70B at 4 sequences per
 # device (BENCHMARKS.md), so a config sized to the memory no longer fits. Add them where memory is to spare:
-# XLA_FLAGS="$(python -m mellama_jax.gpu_flags --pipelined)".
+# XLA_FLAGS="$(python -m mellama_jax.training.gpu_flags --pipelined)".
 PIPELINED = {
     # Pipeline the collectives of the scanned layers across loop iterations: the next layer's weights are
     # gathered (and the previous layer's gradients reduced) while this layer computes.
@@ -64,19 +65,6 @@ def xla_flags(pipelined: bool = False) -> str:
     return " ".join(f"--{name}={value}" for name, value in flags.items())
 
 
-def _device_nodes() -> list[str]:
-    return glob.glob("/dev/nvidia[0-9]*")
-
-
-def gpu_ids(env: Mapping[str, str] = os.environ) -> list[str]:
-    """The CUDA ids (or UUIDs) of the NVIDIA GPUs a process started with `env` may use: `CUDA_VISIBLE_DEVICES`
-    when set (CUDA stops at the first -1), else one per `/dev/nvidiaN`."""
-    if "CUDA_VISIBLE_DEVICES" in env:
-        ids = (d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(","))
-        return [d for d in itertools.takewhile(lambda d: d != "-1", ids) if d]
-    return [str(i) for i in range(len(_device_nodes()))]
-
-
 def _cuda_plugin_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
 
@@ -95,7 +83,7 @@ def apply(env: MutableMapping[str, str] = os.environ) -> str | None:
     if not gpu_present(env):
         return None
     if "XLA_FLAGS" in env:
-        return "XLA_FLAGS is set: used as it is, without mellama's GPU flags (python -m mellama_jax.gpu_flags)"
+        return "XLA_FLAGS is set: used as it is, without mellama's GPU flags (python -m mellama_jax.training.gpu_flags)"
     env["XLA_FLAGS"] = xla_flags()
     return f"NVIDIA GPUs: XLA_FLAGS={env['XLA_FLAGS']} (set XLA_FLAGS yourself to replace them)"
 

@@ -17,13 +17,12 @@ the bytes go. Its terms, per device, as XLA schedules the step:
   gathered (bf16) and their full fp32 gradient before it is reduce-scattered.
 
 FLOPs: XLA's `cost_analysis()` counts a scanned layer once (not L times) and is absent for compile-only GPU
-executables, so step time comes from the model FLOPs (`train_flops_per_token`) at a stated MFU.
+executables, so step time comes from the model FLOPs (`model.llama.train_flops_per_token`) at a stated MFU.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 
@@ -31,22 +30,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mellama_jax import lora
 from mellama_jax.config import MeshConfig, ModelConfig, TrainConfig
-from mellama_jax.devices import DeviceKind
 from mellama_jax.errors import UserError
-from mellama_jax.model import abstract_model
+from mellama_jax.hardware import DeviceKind
+from mellama_jax.model import lora
+from mellama_jax.model.llama import abstract_model, param_count, train_flops_per_token
 
 GIB = 2**30
 MFU = 0.40  # model FLOPs utilisation assumed for step time: what well-tuned LLaMA-2 FSDP runs reach on A100/H100
 # FLOPs executed per model FLOP: full remat runs every layer's forward twice (4/3 of forward + backward).
 RECOMPUTE = {"full": 4 / 3, "save_dots_no_batch": 1.0, "save_dots": 1.0, "none": 1.0}
-
-
-@functools.cache  # a search asks for it per candidate; tracing the model takes a while
-def param_count(cfg: ModelConfig) -> int:
-    """Counted from the model itself (`eval_shape`: nothing is allocated)."""
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
 
 
 def trainable_count(cfg: TrainConfig) -> int:
@@ -55,19 +48,6 @@ def trainable_count(cfg: TrainConfig) -> int:
         return param_count(cfg.model)
     layers = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))["layers"]
     return lora.count(cfg.lora, layers)
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3 x forward), causal attention counted.
-
-    Every weight used in a matmul costs 2 FLOPs forward; the embedding table is a lookup unless it is
-    tied to the output head, and norm scales are elementwise. q.k and p.v cost 2 x (2 T N H) per token
-    under a full mask; a causal mask halves that on average.
-    """
-    d, layers = cfg.d_model, cfg.n_layers
-    lookups = (0 if cfg.tie_embeddings else cfg.vocab_size * d) + (2 * layers + 1) * d
-    causal_attention = layers * 2 * seq_len * cfg.n_heads * cfg.head_dim
-    return 3 * (2 * (param_count(cfg) - lookups) + causal_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +194,7 @@ def xla_options(kind: DeviceKind) -> dict[str, bool | int | str] | None:
     XLA_FLAGS names GPU flags of the user's own (which XLA then reads by itself)."""
     if kind.platform != "cuda" or "--xla_gpu" in os.environ.get("XLA_FLAGS", ""):
         return None
-    from mellama_jax import gpu_flags
+    from mellama_jax.training import gpu_flags
 
     typed = lambda v: v == "true" if v in ("true", "false") else int(v) if v.isdigit() else v  # noqa: E731
     return {name: typed(value) for name, value in gpu_flags.FLAGS.items()}
@@ -222,8 +202,8 @@ def xla_options(kind: DeviceKind) -> dict[str, bool | int | str] | None:
 
 def measure(cfg: TrainConfig, mesh: jax.sharding.Mesh, options: dict | None = None) -> Memory:
     """Per-device memory of the real train step compiled for `mesh`'s devices (compile-only devices work)."""
-    from mellama_jax.sharding import batch_sharding
-    from mellama_jax.train import BATCH_KEYS, abstract_state, compile_step
+    from mellama_jax.model.sharding import batch_sharding
+    from mellama_jax.training.step import BATCH_KEYS, abstract_state, compile_step
 
     state = abstract_state(cfg, mesh)
     rows = jax.ShapeDtypeStruct((cfg.global_batch, cfg.seq_len), jnp.int32, sharding=batch_sharding(mesh))

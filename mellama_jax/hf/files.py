@@ -3,7 +3,8 @@
 safetensors: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 then raw little-endian bytes. We read it ourselves because the `safetensors` numpy API has no bf16,
 and one memmap per tensor (released after use) keeps resident memory at one tensor, not one shard.
-Legacy `pytorch_model*.bin` files are listed here and read in `hf.py`, the one module that may use torch.
+Legacy `pytorch_model*.bin` files are read with `torch.load(weights_only=True)`: this is the one module that
+imports torch (an optional extra, only for those files).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -21,6 +23,8 @@ import ml_dtypes
 import numpy as np
 
 from mellama_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -180,3 +184,56 @@ def hf_weight_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
     if not files:
         raise UserError(f"{hf_dir}: no model.safetensors, model-*.safetensors or pytorch_model*.bin weights")
     return files
+
+
+# Legacy `pytorch_model*.bin`: opened only with `torch.load(weights_only=True, mmap=True)`, which refuses to
+# unpickle anything but tensors and containers. torch is an optional extra, imported only for these files.
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTensor:
+    """A tensor of a memory-mapped legacy `.bin` state dict."""
+
+    tensor: object  # torch.Tensor; torch is an optional extra, imported only to read `.bin` files
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.read().dtype
+
+    def read(self) -> np.ndarray:
+        import torch
+
+        t = self.tensor
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _read_torch_bin(path: pathlib.Path) -> dict[str, TorchTensor]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path}: reading legacy .bin weights needs torch: pip install 'mellama-jax[hf]'") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...) for unsafe or bad files
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+        raise UserError(f"{path}: not a tensors-only PyTorch state dict, refused ({reason[:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a flat dict of tensors")
+    return {name: TorchTensor(tensor) for name, tensor in state.items()}
+
+
+def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, TensorInfo | TorchTensor]:
+    """Every tensor of an HF folder, by name, as a lazy handle with `shape`, `dtype` and `read()`."""
+    tensors: dict[str, TensorInfo | TorchTensor] = {}
+    for file in hf_weight_files(hf_dir):
+        if file.suffix == ".bin":
+            log.warning("%s: legacy PyTorch weights, read with torch.load(weights_only=True)", file.name)
+            tensors.update(_read_torch_bin(file))
+        else:
+            tensors.update(read_safetensors_index(file))
+    return tensors

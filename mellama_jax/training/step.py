@@ -22,10 +22,10 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mellama_jax import lora
 from mellama_jax.config import TrainConfig
-from mellama_jax.model import Llama, abstract_model, with_params
-from mellama_jax.sharding import activation_mesh, batch_sharding, shardings
+from mellama_jax.model import lora
+from mellama_jax.model.llama import Llama, abstract_model, with_params
+from mellama_jax.model.sharding import activation_mesh, batch_sharding, shardings
 
 log = logging.getLogger(__name__)
 

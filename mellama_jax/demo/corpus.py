@@ -1,6 +1,6 @@
 """The built-in demo corpus: an invented world of checkable facts, rendered as CPT text, SFT records and eval items.
 
-    from mellama_jax.data.demo_corpus import write_demo_data
+    from mellama_jax.demo.corpus import write_demo_data
     files = write_demo_data(out_dir, seed=0, size=150_000)  # also trains out_dir/tokenizer (byte-level BPE)
 
 The world: invented drugs, each of one drug class and treating one invented disease; each disease affects one organ.
@@ -30,6 +30,7 @@ import numpy as np
 
 from mellama_jax.data.tokenizer import load_tokenizer
 from mellama_jax.errors import UserError
+from mellama_jax.evaluation.demo_tasks import ANSWER_CUE
 
 MIXTURE = {"biomedical": 15, "clinical": 1, "general": 4}  # shares of the CPT tokens, Me-LLaMA's 15:1:4
 SPECIALS = ("<unk>", "<s>", "</s>")
@@ -245,7 +246,6 @@ MC_PROMPT = "TASK: Answer the medical question with one of the choices.\nINPUT: 
 YESNO_PROMPT = "TASK: Is the statement true? State the fact, then answer yes or no.\nINPUT: {statement}\nOUTPUT:"
 SHORT_PROMPT = "TASK: Answer the medical question by stating the fact.\nINPUT: {question}\nOUTPUT:"
 SFT_VARIANTS = 8  # MC items and yes/no pairs per training fact
-ANSWER_CUE = "So the answer is"  # between the recalled fact and the answer of an SFT reply
 
 
 def _answers(world: World, relation: str, held_out: bool) -> tuple[str, ...]:

@@ -25,11 +25,10 @@ import numpy as np
 import safetensors.numpy
 from jax.sharding import PartitionSpec
 
+from mellama_jax.checkpoint import LORA_CONFIG
 from mellama_jax.config import LoraConfig, TrainConfig
 from mellama_jax.config_file import read_json_object
 from mellama_jax.errors import UserError
-
-LORA_CONFIG = "lora_config.json"  # a LoRA run's LoraConfig, in its run_dir
 
 # target name -> (path of the base weight inside a layer, how many leading axes are its input)
 TARGETS = {

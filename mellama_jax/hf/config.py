@@ -42,7 +42,7 @@ _HF_MUST_BE = {
 _HF_NULL_MEANS_DEFAULT = ("num_key_value_heads", "head_dim")  # transformers: = num_attention_heads, d / n_heads
 
 
-def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A `config.json` dict that transformers 4.x and 5.x both read (rope_theta at top level)."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -67,8 +67,9 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def fields_from_hf(hf: Any) -> dict[str, Any]:
-    """ModelConfig fields from a `config.json` dict; a UserError names any attribute we do not implement."""
+def from_hf_config(hf: Any, **kw) -> ModelConfig:
+    """The ModelConfig of a `config.json` dict (`kw`: our own fields, e.g. dtype); a UserError names any attribute
+    we do not implement: we refuse rather than guess."""
     if not isinstance(hf, dict):
         raise UserError(f"config.json: expected a JSON object of attributes, got a {type(hf).__name__}")
     kinds = typing.get_type_hints(ModelConfig)
@@ -104,7 +105,7 @@ def fields_from_hf(hf: Any) -> dict[str, Any]:
     fields.setdefault("n_kv_heads", fields["n_heads"])
     if "head_dim" not in fields and fields["n_heads"] > 0:  # n_heads <= 0 is refused by ModelConfig, by name
         fields["head_dim"] = fields["d_model"] // fields["n_heads"]
-    return fields
+    return ModelConfig(**fields, **kw)
 
 
 def _rope_theta(key: str, rope: Any) -> float | None:

@@ -3,7 +3,7 @@
     mellama demo --out runs/demo
 
 Stages, each written under OUT and skipped when its output is already complete, so a re-run resumes:
-  data/          the demo corpus (data/demo_corpus.py): CPT text mixed 15:1:4, SFT records, held-out eval items,
+  data/          the demo corpus (demo/corpus.py): CPT text mixed 15:1:4, SFT records, held-out eval items,
                  and the tokenizer trained on the corpus;
   base/          a small LLaMA, randomly initialised and saved as a converted checkpoint: the stand-in for LLaMA-2;
   runs/cpt/      continued pre-training on the mixture (`mellama train --config configs/cpt.yaml`);
@@ -28,10 +28,10 @@ from collections.abc import Callable
 import numpy as np
 
 from mellama_jax.config_file import read_json_object
-from mellama_jax.data.demo_corpus import VOCAB_SIZE, write_demo_data
+from mellama_jax.demo.corpus import VOCAB_SIZE, write_demo_data
 from mellama_jax.errors import UserError
 from mellama_jax.outdir import replace_file, staged_output
-from mellama_jax.run_dir import MODEL_CONFIG, RunLock
+from mellama_jax.training.run_dir import MODEL_CONFIG, RunLock
 
 TASKS = ("demo_mc", "demo_yesno", "demo_short")
 STAGES = {"base": "before CPT", "cpt": "after CPT", "sft": "after LoRA SFT"}
@@ -107,7 +107,7 @@ def _write_base(out: pathlib.Path, s: DemoSettings) -> None:
 
     from mellama_jax.checkpoint import save_params
     from mellama_jax.config import ModelConfig
-    from mellama_jax.model import Llama
+    from mellama_jax.model.llama import Llama
 
     cfg = ModelConfig.tiny(vocab_size=VOCAB_SIZE, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
                            n_kv_heads=s.n_heads, head_dim=s.d_model // s.n_heads, ffn_dim=s.ffn_dim,
@@ -132,7 +132,7 @@ def _train(config: dict, path: pathlib.Path) -> None:
     import yaml
 
     from mellama_jax.config_file import load_config
-    from mellama_jax.loop import train
+    from mellama_jax.training.loop import train
 
     path.parent.mkdir(exist_ok=True)
     replace_file(path, yaml.safe_dump(config, sort_keys=False).encode())
@@ -145,7 +145,7 @@ def _train(config: dict, path: pathlib.Path) -> None:
 
 def _evaluate(out: pathlib.Path, stage: str, ckpt: pathlib.Path, s: DemoSettings) -> dict:
     from mellama_jax.evaluation.harness import EvalSettings, evaluate
-    from mellama_jax.generate import Sampling
+    from mellama_jax.inference.generate import Sampling
 
     settings = EvalSettings(sampling=Sampling(max_new_tokens=s.max_new_tokens))
     # overwrite: results in the demo's own folder that another checkpoint made (a run deleted and redone) are stale
@@ -154,7 +154,7 @@ def _evaluate(out: pathlib.Path, stage: str, ckpt: pathlib.Path, s: DemoSettings
 
 
 def _export(out: pathlib.Path) -> None:
-    from mellama_jax.hf import convert_jax_to_hf
+    from mellama_jax.hf.convert import convert_jax_to_hf
 
     runs, hf = out / "runs", out / "hf"
     adapter = {"adapter_only": True, "base_model": str(hf / "cpt")}
@@ -219,7 +219,7 @@ def run_demo(out: str | pathlib.Path, settings: DemoSettings = DemoSettings(),
 
 
 def _stages(out: pathlib.Path, s: DemoSettings, say: Callable[[str], None]) -> str:
-    from mellama_jax.demo_check import compare_with_transformers
+    from mellama_jax.demo.check import compare_with_transformers
 
     times: dict[str, float] = {}
 

@@ -18,28 +18,27 @@ import jax
 import tqdm
 from jax.sharding import Mesh
 
-from mellama_jax.checkpoint import (
+from mellama_jax.checkpoint import LORA_CONFIG, find_params, restore_params
+from mellama_jax.config import TrainConfig
+from mellama_jax.data.cpt import cpt_batches, mixture_tokens
+from mellama_jax.data.sft import sft_batches
+from mellama_jax.data.synthetic import CountingBatches
+from mellama_jax.errors import UserError
+from mellama_jax.hardware import RUNNING_PEAK_TFLOPS
+from mellama_jax.model.llama import train_flops_per_token
+from mellama_jax.model.sharding import batch_sharding, make_mesh, process_rows
+from mellama_jax.outdir import disk_full
+from mellama_jax.training.checkpoints import (
     check_saves,
-    find_params,
     finish_checkpoints,
-    restore_params,
     restore_run,
     run_manager,
     save_checkpoint,
     save_failure,
 )
-from mellama_jax.config import TrainConfig
-from mellama_jax.data.cpt import cpt_batches, mixture_tokens
-from mellama_jax.data.sft import sft_batches
-from mellama_jax.data.synthetic import CountingBatches
-from mellama_jax.devices import RUNNING_PEAK_TFLOPS
-from mellama_jax.distributed import anywhere, initialize, together
-from mellama_jax.errors import UserError
-from mellama_jax.lora import LORA_CONFIG
-from mellama_jax.metrics_log import MetricsLog
-from mellama_jax.outdir import disk_full
-from mellama_jax.plan import train_flops_per_token
-from mellama_jax.run_dir import (
+from mellama_jax.training.distributed import anywhere, initialize, together
+from mellama_jax.training.metrics_log import MetricsLog
+from mellama_jax.training.run_dir import (
     MODEL_CONFIG,
     RunLock,
     adopt_checkpoint_files,
@@ -49,9 +48,8 @@ from mellama_jax.run_dir import (
     has_checkpoints,
     write_json,
 )
-from mellama_jax.sharding import batch_sharding, make_mesh, process_rows
-from mellama_jax.train import TrainState, abstract_state, compile_step, init_state, schedule
-from mellama_jax.validation import Evaluator, due, warn_if_changed
+from mellama_jax.training.step import TrainState, abstract_state, compile_step, init_state, schedule
+from mellama_jax.training.validation import Evaluator, due, warn_if_changed
 
 log = logging.getLogger(__name__)
 

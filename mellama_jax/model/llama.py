@@ -12,6 +12,7 @@ converted HF weights need no q/k permutation. Attention's kernels (xla reference
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import checkify
 
-from mellama_jax import attention, lora
 from mellama_jax.config import ModelConfig
-from mellama_jax.sharding import constrain
+from mellama_jax.model import attention, lora
+from mellama_jax.model.sharding import constrain
 
 # The decode cache: {"k", "v": [L, B, S, K, H], "segment_ids": [B, S], "index": []}.
 Cache = dict[str, jax.Array]
@@ -60,7 +61,7 @@ def cast(w: nnx.Param, dtype: Any) -> jax.Array:
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], names: tuple[str, ...]) -> nnx.Param:
     init = jax.nn.initializers.normal(cfg.init_std)
-    # Logical names only: the sharded init in train.py turns them into placements (no eager sharding here).
+    # Logical names only: the sharded init in training/step.py turns them into placements (no eager sharding here).
     return nnx.Param(init(rngs.params(), shape, cfg.param_dtype), out_sharding=names, eager_sharding=False)
 
 
@@ -252,3 +253,22 @@ def with_params(cfg: ModelConfig, params: dict) -> Llama:
     graphdef, state = nnx.split(abstract_model(cfg))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+@functools.cache  # a search asks for it per candidate; tracing the model takes a while
+def param_count(cfg: ModelConfig) -> int:
+    """Counted from the model itself (`eval_shape`: nothing is allocated)."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 x forward), causal attention counted.
+
+    Every weight used in a matmul costs 2 FLOPs forward; the embedding table is a lookup unless it is
+    tied to the output head, and norm scales are elementwise. q.k and p.v cost 2 x (2 T N H) per token
+    under a full mask; a causal mask halves that on average.
+    """
+    d, layers = cfg.d_model, cfg.n_layers
+    lookups = (0 if cfg.tie_embeddings else cfg.vocab_size * d) + (2 * layers + 1) * d
+    causal_attention = layers * 2 * seq_len * cfg.n_heads * cfg.head_dim
+    return 3 * (2 * (param_count(cfg) - lookups) + causal_attention)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from mellama_jax import devices as dev
+from mellama_jax import hardware
 from mellama_jax.config import TrainConfig
 from mellama_jax.errors import UserError
-from mellama_jax.plan import (
+from mellama_jax.model.llama import param_count, train_flops_per_token
+from mellama_jax.planning import devices as dev
+from mellama_jax.planning.plan import (
     GIB,
     MFU,
     RECOMPUTE,
@@ -19,12 +21,10 @@ from mellama_jax.plan import (
     hardware_flops,
     layout,
     measure,
-    param_count,
     problems,
     resolved_attention,
     step_seconds,
     traffic,
-    train_flops_per_token,
     trainable_count,
     uneven,
     with_layout,
@@ -42,13 +42,13 @@ def _gib(x: float) -> str:
 class Target:
     """The devices planned for: their kind and count, compile-only devices made on first use."""
 
-    kind: dev.DeviceKind
+    kind: hardware.DeviceKind
     count: int
     _devices: list | None = None
 
     def mesh(self, lay: Layout):
         from mellama_jax.config import MeshConfig
-        from mellama_jax.sharding import make_mesh
+        from mellama_jax.model.sharding import make_mesh
 
         if self._devices is None:
             self._devices = dev.compile_only_devices(self.kind, self.count)
@@ -74,7 +74,7 @@ def report(cfg: TrainConfig, devices: int, kind_name: str | None, search: bool =
         cfg = dataclasses.replace(cfg, steps=1)
     kind = None
     if kind_name is not None:
-        kind = dev.cpu_kind(devices) if kind_name == "cpu" else dev.KINDS[kind_name]
+        kind = hardware.cpu_kind(devices) if kind_name == "cpu" else hardware.KINDS[kind_name]
     m, notes = cfg.model, []
     try:
         lay = layout(cfg, devices)
@@ -150,7 +150,7 @@ def _memory(est: Memory, measured: Memory | None, default: Memory | None) -> lis
     return lines
 
 
-def _fit(kind: dev.DeviceKind, mem: Memory) -> list[str]:
+def _fit(kind: hardware.DeviceKind, mem: Memory) -> list[str]:
     share = f"{kind.usable:.0%} of {_gib(kind.memory_bytes)} GiB"
     why = {
         "cuda": "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 as scripts/train.sbatch sets; the rest: CUDA, cuDNN, NCCL",
@@ -164,8 +164,8 @@ def _fit(kind: dev.DeviceKind, mem: Memory) -> list[str]:
     return [f"  memory       budget {_gib(kind.budget)} GiB per device ({share}; {why}): {verdict}"]
 
 
-def _speed(cfg: TrainConfig, lay: Layout, kind: dev.DeviceKind, mfu: float) -> list[str]:
-    peak = dev.peak_flops(kind, cfg.peak_tflops)
+def _speed(cfg: TrainConfig, lay: Layout, kind: hardware.DeviceKind, mfu: float) -> list[str]:
+    peak = hardware.peak_flops(kind, cfg.peak_tflops)
     if not peak:
         return ["  speed        unknown for this device kind (set peak_tflops)"]
     seconds = step_seconds(cfg, lay.devices, peak, mfu)
@@ -180,7 +180,7 @@ def _speed(cfg: TrainConfig, lay: Layout, kind: dev.DeviceKind, mfu: float) -> l
     ]
 
 
-def _dividing(cfg: TrainConfig, devices: int, kind: dev.DeviceKind | None) -> str:
+def _dividing(cfg: TrainConfig, devices: int, kind: hardware.DeviceKind | None) -> str:
     per_host = kind.per_host if kind else 8
     options = dividing_layouts(cfg, devices, per_host)
     if options:  # most fsdp (least memory), then the micro-batch size nearest the config's
@@ -271,7 +271,7 @@ def _search(cfg: TrainConfig, target: Target, options, mfu: float, limit: int = 
     """Layouts x remat policies that fit, compiled, fastest first: fewest FLOPs executed (remat's recompute
     counted), then fewest micro-batches (larger matmuls, fewer weight gathers), then least traffic."""
     kind, count = target.kind, target.count
-    peak = dev.peak_flops(kind, cfg.peak_tflops)
+    peak = hardware.peak_flops(kind, cfg.peak_tflops)
     candidates = []
     for lay in dividing_layouts(cfg, count, kind.per_host):
         for remat in REMATS:

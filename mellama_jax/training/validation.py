@@ -33,8 +33,8 @@ from mellama_jax.data.cpt import cpt_batches
 from mellama_jax.data.packing import BATCH_KEYS, PackedBatches
 from mellama_jax.data.sft import sft_batches
 from mellama_jax.errors import UserError
-from mellama_jax.sharding import batch_sharding, process_rows
-from mellama_jax.train import compile_eval
+from mellama_jax.model.sharding import batch_sharding, process_rows
+from mellama_jax.training.step import compile_eval
 
 log = logging.getLogger(__name__)
 

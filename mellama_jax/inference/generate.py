@@ -30,16 +30,16 @@ from flax import nnx
 from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding
 
-from mellama_jax import lora
 from mellama_jax.checkpoint import find_params, restore_params, stored_arrays
 from mellama_jax.config import DTYPES, LoraConfig, MeshConfig, ModelConfig
 from mellama_jax.config_file import read_json_object, read_model_config
 from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from mellama_jax.errors import UserError
-from mellama_jax.model import abstract_model, init_cache, with_params
+from mellama_jax.model import lora
+from mellama_jax.model.llama import abstract_model, init_cache, with_params
+from mellama_jax.model.sharding import activation_mesh, batch_sharding, make_mesh, shardings, spec
 from mellama_jax.outdir import sha256_of
-from mellama_jax.sharding import activation_mesh, batch_sharding, make_mesh, shardings, spec
 
 # Prefill attends T new queries to the whole cache ([B, N, T, S] fp32 scores): chunks keep that bounded.
 PREFILL_CHUNK = 512
