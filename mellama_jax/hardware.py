@@ -145,6 +145,7 @@ def peak_flops(kind: DeviceKind, override_tflops: float = 0.0) -> float:
 # nodes (WSL2 has /dev/dxg instead), and TPU chips among the PCI devices (Google's vendor id, a TPU device id;
 # Google's network cards share the vendor id).
 NVIDIA_NODES = ("/dev/nvidiactl", "/dev/dxg")
+PCI_DEVICES = pathlib.Path("/sys/bus/pci/devices")
 GOOGLE_PCI_VENDOR = "0x1ae0"
 TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")  # v3 ... TPU7x
 
@@ -165,8 +166,7 @@ def gpu_ids(env: Mapping[str, str] = os.environ) -> list[str]:
 def tpu_chips() -> int:
     """TPU chips attached to this host."""
     chips = 0
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        folder = pathlib.Path(vendor).parent
+    for folder in PCI_DEVICES.glob("*") if PCI_DEVICES.is_dir() else ():
         try:
             chips += folder.joinpath("vendor").read_text().strip() == GOOGLE_PCI_VENDOR and (
                 folder.joinpath("device").read_text().strip() in TPU_PCI_DEVICES

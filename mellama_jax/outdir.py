@@ -2,7 +2,8 @@
 
 A command writes into a fresh hidden folder beside its target (`.NAME.partial-PID@HOST-XXXXXXXX`) and
 renames it into place only once everything is written, so a failed or killed run leaves the target as it
-was. A failed run removes its partial folder; a killed one cannot, so the next run into the same target
+was. A failed run removes its partial folder once its writers have stopped (`remove_settled`); a killed one
+cannot, so the next run into the same target
 removes the partials of processes of this host that are gone (never those of a live process). A target
 that exists and is not empty is refused unless the user asked to overwrite it. A full disk is reported
 as an OSError naming the target, whichever library noticed it.
@@ -20,12 +21,17 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 
 from mellama_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# A failed save's other writes go on in tensorstore's own threads (orbax raises the first failure without
+# waiting for the rest; no Python thread to join): one that lands after the partial folder was removed makes
+# its directories again, within milliseconds. A removed folder is gone for good once it has stayed away this long.
+SETTLE_S = 0.5
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # tensorstore (under orbax) says "... [os_error_code='28']" in a ValueError; array_record a RuntimeError
@@ -85,6 +91,22 @@ def remove_stale(out_dir: pathlib.Path) -> list[pathlib.Path]:
     return removed
 
 
+def remove_settled(folder: pathlib.Path, patience_s: float = 60.0) -> None:
+    """Removes `folder`, and again each time a writer still in flight brings it back, until it has stayed away
+    for SETTLE_S seconds (or `patience_s` have passed: then it is left, with a warning naming it)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        quiet_until = time.monotonic() + SETTLE_S
+        while time.monotonic() < quiet_until and not os.path.lexists(folder):
+            time.sleep(0.01)
+        if not os.path.lexists(folder):
+            return
+        if time.monotonic() > deadline:
+            log.warning("%s: still being written %.0f s after the failure; left in place", folder, patience_s)
+            return
+
+
 def _check_parent(out_dir: pathlib.Path) -> None:
     ancestor = out_dir.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -116,7 +138,7 @@ def staged_output(
         yield staging
         _swap_in(staging, out_dir, overwrite)
     except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_settled(staging)
         code = disk_full(e)
         if code:
             raise OSError(code, os.strerror(code), str(out_dir)) from e

@@ -47,6 +47,11 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture
+def tiny_disk(tmp_path):
+    yield from _mount(tmp_path / "tiny_disk", "size=400k")
+
+
+@pytest.fixture
 def read_only(tmp_path):
     yield from _mount(tmp_path / "read_only", "ro,size=1m")
 
@@ -78,6 +83,15 @@ def test_hf_to_jax_on_a_full_disk_fails_in_one_line_and_leaves_nothing(hf_source
     out = small_disk / "ours"
     assert mellama("convert", "hf-to-jax", hf_source, out) == (2, [f"mellama convert: error: {out}: {NO_SPACE}"])
     assert list(small_disk.iterdir()) == []
+
+
+def test_ten_conversions_into_a_full_disk_leave_it_empty(hf_source, tiny_disk, capsys):
+    """A failed save's other writes go on in tensorstore's threads for a moment (outdir.remove_settled):
+    before, 1 in 3 to 1 in 5 of these left an empty `.ours.partial-*` skeleton behind."""
+    for i in range(10):
+        assert main(["convert", "hf-to-jax", str(hf_source), str(tiny_disk / f"ours{i}")]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"mellama convert: error: {tiny_disk / f'ours{i}'}: {NO_SPACE}"]
+        assert list(tiny_disk.iterdir()) == [], i
 
 
 def test_jax_to_hf_on_a_full_disk_fails_in_one_line_and_leaves_nothing(tmp_path, hf_source, small_disk, capsys):

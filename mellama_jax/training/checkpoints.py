@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import pathlib
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,7 +17,7 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
 from mellama_jax.errors import UserError
-from mellama_jax.outdir import disk_full
+from mellama_jax.outdir import disk_full, remove_settled
 from mellama_jax.training.distributed import anywhere
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ def save_failure(manager: ocp.CheckpointManager, error: Exception) -> UserError:
         manager.wait_until_finished()
     folder = pathlib.Path(str(manager.directory))
     for partial in folder.glob("*.orbax-checkpoint-tmp*"):  # the failed save's half-written step
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_settled(partial)
     steps = ocp.utils.checkpoint_steps(folder) if folder.is_dir() else []
     last = f"the last complete checkpoint is step {max(steps)}" if steps else "no checkpoint is complete"
     if disk_full(error):
