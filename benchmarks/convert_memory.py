@@ -25,7 +25,8 @@ import time
 import ml_dtypes
 import numpy as np
 
-from mellama_jax.config import PRESETS, ModelConfig
+from mellama_jax.config import ModelConfig
+from mellama_jax.config_file import PRESETS
 from mellama_jax.hf.config import hf_config
 from mellama_jax.hf.files import hf_weight_files, read_hf_tensors, read_safetensors_index, write_safetensors_shards
 from mellama_jax.hf.table import hf_shapes

@@ -32,7 +32,7 @@ def main() -> None:
     import time
 
     from mellama_jax.config_file import load_config
-    from mellama_jax.planning import devices
+    from mellama_jax.hardware import KINDS
     from mellama_jax.planning.plan import estimate, layout, resolved_attention, xla_options
     from mellama_jax.planning.report import Target
 
@@ -44,7 +44,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, count, kind_name, overrides in ROWS:
         cfg = load_config(str(root / "configs" / f"{name}.yaml"), overrides)
-        kind, lay = devices.KINDS[kind_name], layout(cfg, count)
+        kind, lay = KINDS[kind_name], layout(cfg, count)
         target, start = Target(kind, count), time.perf_counter()
         flagged = target.measure(cfg, lay, xla_options(kind))
         seconds = time.perf_counter() - start
