@@ -71,14 +71,14 @@ def start_state(cfg: TrainConfig, mesh: Mesh, manager, data) -> tuple[int, Train
         data.set_state(data_state)
         log.info("resumed %s at step %d", cfg.run_dir, step)
         return step, state
-    state = init_state(cfg, mesh)
-    if cfg.init_from:
-        item_dir, subtree = init_params(cfg)
-        try:
-            state = state.replace(params=restore_params(item_dir, abstract.params, subtree))
-        except ValueError as e:
-            raise UserError(f"init_from {cfg.init_from}: does not fit model config ({str(e)[:200]})") from None
-    return 0, state
+    if not cfg.init_from:
+        return 0, init_state(cfg, mesh)
+    item_dir, subtree = init_params(cfg)
+    try:
+        params = restore_params(item_dir, abstract.params, subtree)
+    except ValueError as e:
+        raise UserError(f"init_from {cfg.init_from}: does not fit model config ({str(e)[:200]})") from None
+    return 0, init_state(cfg, mesh, params)
 
 
 def init_params(cfg: TrainConfig) -> tuple[pathlib.Path, tuple[str, ...]]:

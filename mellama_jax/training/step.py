@@ -143,10 +143,11 @@ def eval_step(cfg: TrainConfig, params: dict, batch: dict, adapters: dict) -> tu
     return loss_sum, count
 
 
-def _init(cfg: TrainConfig, seed: jax.Array) -> TrainState:
+def _init(cfg: TrainConfig, seed: jax.Array, params: dict | None = None) -> TrainState:
     key = jax.random.PRNGKey(seed)
     init_key, rng = jax.random.split(key)
-    params = nnx.to_pure_dict(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(init_key)), nnx.Param))
+    if params is None:
+        params = nnx.to_pure_dict(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(init_key)), nnx.Param))
     # the adapters' key is split off the model's: a LoRA run draws the same base params as a full one
     adapters = lora.init_adapters(cfg.lora, params["layers"], jax.random.fold_in(init_key, 1)) if cfg.lora else {}
     zero = jnp.zeros((), jnp.int32)
@@ -179,10 +180,12 @@ def abstract_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
     return jax.tree.map(to_struct, shapes, state_shardings(cfg, mesh))
 
 
-def init_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
-    """A fresh TrainState created already sharded: no parameter is ever whole on one device."""
-    init = jax.jit(functools.partial(_init, cfg), out_shardings=state_shardings(cfg, mesh))
-    return init(cfg.seed)
+def init_state(cfg: TrainConfig, mesh: Mesh, params: dict | None = None) -> TrainState:
+    """A fresh TrainState created already sharded: no parameter is ever whole on one device. With `params`
+    (restored onto the state's shardings: `init_from`), those are its weights, taken over in place, and no
+    random ones are drawn; the rest (adapters, optimizer state, rng) is what a random start would have."""
+    init = jax.jit(functools.partial(_init, cfg), out_shardings=state_shardings(cfg, mesh), donate_argnums=1)
+    return init(cfg.seed) if params is None else init(cfg.seed, params)
 
 
 def compile_step(cfg: TrainConfig, mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
