@@ -44,14 +44,14 @@ class DemoSettings:
     seed: int = 0
     corpus_tokens: int = 150_000  # CPT corpus size, in tokens of the demo tokenizer
     d_model: int = 128
-    n_layers: int = 3  # 4 learnt the held-out facts no better (seeds 0-2) at 1.24x the time per step (BENCHMARKS)
+    n_layers: int = 3  # 4 learnt the held-out facts no better (seeds 0-2) at 1.24x the time per step (BENCHMARKS.md)
     # Two heads of 64, not four of 32: the same weights, but on a CPU the attention's softmax over [heads, T, T]
-    # costs as much as the matmuls, and the held-out scores were no worse (README).
+    # costs as much as the matmuls, and the held-out scores were no worse (BENCHMARKS.md).
     n_heads: int = 2
     ffn_dim: int = 384
     seq_len: int = 256  # the model's length, and SFT rows: three ~84-token records each
     cpt_seq_len: int = 128  # CPT rows: documents are ~95 tokens, and shorter rows cost less attention per token
-    cpt_steps: int = 300  # 8 passes over the corpus: 250 or 200 left the held-out facts partly learnt (README)
+    cpt_steps: int = 300  # 8 passes over the corpus: 250 or 200 left the held-out facts partly learnt (BENCHMARKS.md)
     cpt_batch: int = 32
     cpt_lr: float = 3e-3
     sft_steps: int = 300
