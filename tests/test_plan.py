@@ -92,6 +92,18 @@ def plan_cli(*args: str) -> tuple[str, dict[str, list[float]]]:
 
 
 @needs_cuda
+def test_a_plan_writes_nothing_a_later_plan_cannot_read_from_a_compilation_cache(tmp_path, monkeypatch):
+    """With a persistent compilation cache set (as on many clusters), a second plan is as quiet as the first: the
+    step compiled for absent devices is not cached (jax could not load it back, and warned on every later plan)."""
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    for _ in range(2):
+        plan_cli.__wrapped__(
+            "--config", str(ROOT / "configs" / "tiny.yaml"), "--devices", "8", "--device-kind", "a100-80g"
+        )
+
+
+@needs_cuda
 @pytest.mark.parametrize("name, devices", [("me-llama-13b-cpt.yaml", 64), ("me-llama-70b-cpt.yaml", 160)])
 def test_each_cpt_config_fits_its_a100s(name, devices):
     out, rows = plan_cli(

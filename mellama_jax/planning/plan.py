@@ -208,7 +208,15 @@ def measure(cfg: TrainConfig, mesh: jax.sharding.Mesh, options: dict | None = No
     state = abstract_state(cfg, mesh)
     rows = jax.ShapeDtypeStruct((cfg.global_batch, cfg.seq_len), jnp.int32, sharding=batch_sharding(mesh))
     batch = dict.fromkeys(BATCH_KEYS, rows)
-    stats = compile_step(cfg, mesh).lower(state, batch).compile(compiler_options=options).memory_analysis()
+    lowered = compile_step(cfg, mesh).lower(state, batch)
+    # An executable compiled for devices this host lacks cannot be loaded back: with a persistent compilation cache
+    # set (JAX_COMPILATION_CACHE_DIR), a cached one would make jax warn on every later plan. None is written.
+    write_after = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", math.inf)
+    try:
+        stats = lowered.compile(compiler_options=options).memory_analysis()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", write_after)
 
     def per_device(tree) -> int:
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
