@@ -12,16 +12,20 @@ from test_hf_parity import reference_model
 
 from mellama_jax import cli, hardware
 
+FAKE_DEVICES = "--xla_force_host_platform_device_count=8"  # conftest's
+
 # What the CUDA plugin and libtpu print when jax starts them on a host without their devices.
 NOISE = ("Traceback", "cuDNN", "CUDA", "cuda", "TPU", "libtpu", "plugin")
 CPU_NOTE = "INFO: no GPU or TPU on this host: running on the CPU (set JAX_PLATFORMS to choose)"
 
 
 def mellama(*args, env_extra=None) -> subprocess.CompletedProcess:
-    """The command in a fresh process, without the JAX_PLATFORMS that conftest sets for the tests themselves."""
+    """The command in a fresh process, run as from a user's shell: without the JAX_PLATFORMS and the 8 fake CPU
+    devices that conftest sets for the tests themselves."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | (env_extra or {})
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(FAKE_DEVICES, "").strip()
     argv = [sys.executable, "-m", "mellama_jax.cli", *map(str, args)]
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
 
 
 @pytest.fixture
