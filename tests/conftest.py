@@ -8,7 +8,8 @@ import tempfile
 
 # With the cuda/tpu extras installed, jax would probe for GPUs and TPUs (and take libtpu's lock file).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAKE_DEVICES).strip()
 
 import pytest  # noqa: E402
 

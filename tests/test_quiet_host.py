@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAKE_DEVICES
 from test_convert_cli import CFG, write_tokenizer
 from test_hf_parity import reference_model
 
 from mellama_jax import cli, hardware
-
-FAKE_DEVICES = "--xla_force_host_platform_device_count=8"  # conftest's
 
 # What the CUDA plugin and libtpu print when jax starts them on a host without their devices.
 NOISE = ("Traceback", "cuDNN", "CUDA", "cuda", "TPU", "libtpu", "plugin")
