@@ -26,6 +26,7 @@ from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.errors import UserError
 from mellama_jax.hf.convert import convert_hf_to_jax
 from mellama_jax.inference import generate as gen
+from mellama_jax.inference.sampling import filter_rows
 from mellama_jax.model.llama import Llama, init_cache
 from mellama_jax.model.sharding import make_mesh
 from mellama_jax.training.checkpoints import finish_checkpoints, run_manager, save_checkpoint
@@ -159,27 +160,27 @@ def test_batches_reuse_one_compiled_program_and_keep_input_order(gqa):
     assert [gen.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 100, 4000)] == [16, 16, 24, 24, 32, 48, 128, 4096]
 
 
-@pytest.mark.parametrize(
-    "temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.9), (0.5, 10, 0.8), (2.0, 3, 0.3)]
-)
-def test_filters_keep_what_transformers_warpers_keep(temperature, top_k, top_p):
+SETTINGS = [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.9), (0.5, 10, 0.8), (2.0, 3, 0.3), (1.3, 50, 1.0)]
+
+
+def test_filters_keep_what_transformers_warpers_keep_each_row_its_own():
+    """One batch, each row with its own settings (as the serving engine's slots), against transformers per row."""
     from transformers.generation import logits_process as lp
 
-    logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32) * 3
-    warpers = [lp.TemperatureLogitsWarper(temperature)]
-    warpers += [lp.TopKLogitsWarper(top_k)] if top_k else []
-    warpers += [lp.TopPLogitsWarper(top_p)] if top_p < 1 else []
-    expected = torch.tensor(logits)
-    for warper in warpers:
-        expected = warper(None, expected)
-    expected = expected.numpy()
-
-    sampling = gen.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    ours = np.asarray(gen.filter_logits(jnp.asarray(logits), sampling))
-
-    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
-    kept = np.isfinite(expected)
-    np.testing.assert_allclose(ours[kept], expected[kept], rtol=1e-6)
+    logits = np.random.default_rng(0).normal(size=(len(SETTINGS), 50)).astype(np.float32) * 3
+    temperature, top_k, top_p = (jnp.asarray(column) for column in zip(*SETTINGS, strict=True))
+    ours = np.asarray(filter_rows(jnp.asarray(logits), temperature, top_k, top_p))
+    for row, (t, k, p) in enumerate(SETTINGS):
+        warpers = [lp.TemperatureLogitsWarper(t)]
+        warpers += [lp.TopKLogitsWarper(k)] if k else []
+        warpers += [lp.TopPLogitsWarper(p)] if p < 1 else []
+        expected = torch.tensor(logits[row : row + 1])
+        for warper in warpers:
+            expected = warper(None, expected)
+        expected = expected.numpy()[0]
+        np.testing.assert_array_equal(np.isfinite(ours[row]), np.isfinite(expected), err_msg=f"row {row}")
+        kept = np.isfinite(expected)
+        np.testing.assert_allclose(ours[row][kept], expected[kept], rtol=1e-6)
 
 
 def test_temperature_sampling_frequencies_follow_the_softmax():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import json
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,6 +71,14 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Text, special tokens dropped."""
 
+    @abc.abstractmethod
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary's own string for one id (a special token's name, "▁the", ...)."""
+
+    @abc.abstractmethod
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Ids of `text` in which special tokens' names are those tokens (a rendered chat template), none added."""
+
 
 class SentencePieceTokenizer(Tokenizer):
     backend = "sentencepiece"
@@ -101,6 +110,18 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def token_text(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        specials = {self.token_text(i): i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        if not specials:
+            return self.sp.encode(text)
+        ids = []
+        for part in re.split(f"({'|'.join(map(re.escape, specials))})", text):
+            ids += [specials[part]] if part in specials else self.sp.encode(part) if part else []
+        return ids
+
 
 class HFTokenizer(Tokenizer):
     backend = "tokenizers"
@@ -130,6 +151,16 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tok.id_to_token(int(token_id))
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        self.tok.encode_special_tokens = False
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = True
 
 
 def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:

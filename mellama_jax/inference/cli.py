@@ -70,3 +70,64 @@ def add_commands(commands) -> None:
     gen.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default float32)")
     gen.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server (continuous batching, LoRA, int8/int4)")
+    serve.add_argument(
+        "ckpt_dir", type=pathlib.Path, metavar="CKPT_OR_RUN", help="converted checkpoint or training run"
+    )
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        type=_adapter,
+        metavar="NAME=RUN",
+        help="a LoRA run on this base, served as model NAME (repeatable; unmerged, batched together)",
+    )
+    serve.add_argument("--name", help="the base's model name in the API (default: the folder's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set MELLAMA_API_KEY)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    serve.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="weight-only: int8 per output channel, int4 in groups of 128 (cost measured at load)",
+    )
+    serve.add_argument(
+        "--quant-check-text",
+        type=pathlib.Path,
+        metavar="FILE",
+        help="held-out text to measure --quantize's cost on (default: a built-in clinical passage)",
+    )
+    serve.add_argument("--max-slots", type=int, default=16, help="requests decoded together (default 16)")
+    serve.add_argument("--max-len", type=int, help="tokens per slot, prompt + output (default: the model's window)")
+    serve.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting for a slot before 429 (default 256)"
+    )
+    serve.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=("auto", "own", "raw", "me-llama", "llama2-chat"),
+        help="auto (default): the checkpoint's own if it has one, else me-llama",
+    )
+    serve.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default float32)")
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM, wait at most this long for requests in flight (default: until they finish)",
+    )
+    serve.set_defaults(run=_serve)
+
+
+def _adapter(value: str) -> tuple[str, pathlib.Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN, got {value!r}")
+    return name, pathlib.Path(path)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from mellama_jax.inference import serve
+
+    serve.run(args)

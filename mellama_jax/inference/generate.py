@@ -36,6 +36,7 @@ from mellama_jax.config_file import read_json_object, read_model_config
 from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from mellama_jax.errors import UserError
+from mellama_jax.inference.sampling import sample_rows
 from mellama_jax.model import lora
 from mellama_jax.model.llama import abstract_model, init_cache, with_params
 from mellama_jax.model.sharding import activation_mesh, batch_sharding, make_mesh, shardings, spec
@@ -198,28 +199,13 @@ def bucket_length(n: int) -> int:
     return size
 
 
-def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits [B, V] divided by the temperature, -inf outside top-k, then outside the top-p nucleus."""
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1:
-        ranked = -jnp.sort(-logits, axis=-1)  # descending
-        probs = jax.nn.softmax(ranked, axis=-1)
-        # The smallest head of the ranking whose mass reaches top_p: a token stays if those above it fall short.
-        kept = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
-        lowest = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < lowest, -jnp.inf, logits)
-    return logits
-
-
 def sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
     """One token per row: logits [B, V] fp32, keys [B] (one per row) -> [B] int32."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, sampling)
-    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    rows = lambda value, dtype: jnp.full(logits.shape[:1], value, dtype)  # noqa: E731
+    return sample_rows(logits, keys, rows(sampling.temperature, jnp.float32), rows(sampling.top_k, jnp.int32),
+                       rows(sampling.top_p, jnp.float32))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)

@@ -38,12 +38,12 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.
     """[B, T, S] bool: query t (at slot q_offset + t) sees key s iff s <= that slot and both share a segment.
 
     Causality is by slot, not by position, so documents packed into one row (positions restarting at 0)
-    are kept apart by their segment ids alone.
+    are kept apart by their segment ids alone. `q_offset` is one slot for every row, or one per row [B].
     """
-    q_slot = q_offset + jnp.arange(q_segments.shape[1])  # [T]
-    causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_slot[:, None]  # [T, S]
+    q_slot = jnp.asarray(q_offset)[..., None] + jnp.arange(q_segments.shape[1])  # [T] or [B, T]
+    causal = jnp.arange(kv_segments.shape[1]) <= q_slot[..., None]  # [T, S] or [B, T, S]
     same_segment = q_segments[:, :, None] == kv_segments[:, None, :]  # [B, T, S]
-    return causal[None] & same_segment
+    return causal & same_segment
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -18,14 +18,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.experimental import checkify
 
 from mellama_jax.config import ModelConfig
-from mellama_jax.model import attention, lora
+from mellama_jax.model import attention, lora, quant
 from mellama_jax.model.sharding import constrain
 
-# The decode cache: {"k", "v": [L, B, S, K, H], "segment_ids": [B, S], "index": []}.
+# The decode cache: {"k", "v": [L, B, S, K, H], "segment_ids": [B, S], "index": [] or [B]}. One index for every
+# row (generate's batches) or one per row (the serving engine's slots, each at its own length).
 Cache = dict[str, jax.Array]
 CACHE_KV = ("layers", "batch", "length", "kv_heads", "head_dim")
 
@@ -104,22 +106,22 @@ class Attention(nnx.Module):
         positions: jax.Array,  # [B, T]
         attend: attention.Attend,  # (q, k, v) -> [B, T, N, H], as model.attention chose
         kv: tuple[jax.Array, jax.Array] | None = None,  # the whole stack's cache ([L, B, S, K, H], [L, B, S, K, H])
-        index: jax.Array | int = 0,  # slot of x's first token in the cache
+        index: jax.Array | int = 0,  # slot of x's first token in the cache: one, or one per row [B]
         layer: jax.Array | int = 0,  # this layer's index into the cache's L axis
+        rows: dict | None = None,  # per-row LoRA of this layer (lora.row_delta), or None
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        dt = x.dtype
-        q = constrain(dense(x, cast(self.q, dt)), HEADS)  # [B, T, N, H]
-        k = constrain(dense(x, cast(self.k, dt)), KV_HEADS)  # [B, T, K, H]
-        v = constrain(dense(x, cast(self.v, dt)), KV_HEADS)
+        dt, rows = x.dtype, rows or {}
+        q = constrain(dense(x, cast(self.q, dt)) + lora.row_delta(x, rows.get("q")), HEADS)  # [B, T, N, H]
+        k = constrain(dense(x, cast(self.k, dt)) + lora.row_delta(x, rows.get("k")), KV_HEADS)  # [B, T, K, H]
+        v = constrain(dense(x, cast(self.v, dt)) + lora.row_delta(x, rows.get("v")), KV_HEADS)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if kv is not None:
             # The new slots are written into the stack in place and this layer's slice is read back: a cache
             # passed layer by layer (scan xs -> ys) would be copied whole at every decoding step.
-            at = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), at)  # [L, B, S, K, H]
-            v_all = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), at)
+            k_all, v_all = write_cache(kv[0], k, layer, index), write_cache(kv[1], v, layer, index)  # [L, B, S, K, H]
             kv, k, v = (k_all, v_all), k_all[layer], v_all[layer]  # this layer's [B, S, K, H]
-        return dense(attend(q, k.astype(dt), v.astype(dt)), cast(self.o, dt), n_in=2), kv
+        out = attend(q, k.astype(dt), v.astype(dt))  # [B, T, N, H]
+        return dense(out, cast(self.o, dt), n_in=2) + lora.row_delta(out, rows.get("o"), n_in=2), kv
 
 
 class MLP(nnx.Module):
@@ -129,11 +131,12 @@ class MLP(nnx.Module):
         self.up = _param(rngs, cfg, (d, f), ("embed", "mlp"))
         self.down = _param(rngs, cfg, (f, d), ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
-        dt = x.dtype
-        gate = jax.nn.silu(constrain(dense(x, cast(self.gate, dt)), HIDDEN))  # [B, T, F]
-        up = constrain(dense(x, cast(self.up, dt)), HIDDEN)
-        return dense(gate * up, cast(self.down, dt))
+    def __call__(self, x: jax.Array, rows: dict | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        dt, rows = x.dtype, rows or {}
+        gate = jax.nn.silu(constrain(dense(x, cast(self.gate, dt)) + lora.row_delta(x, rows.get("gate")), HIDDEN))
+        up = constrain(dense(x, cast(self.up, dt)) + lora.row_delta(x, rows.get("up")), HIDDEN)  # [B, T, F]
+        hidden = gate * up
+        return dense(hidden, cast(self.down, dt)) + lora.row_delta(hidden, rows.get("down"))
 
 
 class Block(nnx.Module):
@@ -143,10 +146,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, attend, kv=None, index=0, layer=0):
-        h, kv = self.attn(self.attn_norm(x), positions, attend, kv, index, layer)
+    def __call__(self, x, positions, attend, kv=None, index=0, layer=0, rows=None):
+        h, kv = self.attn(self.attn_norm(x), positions, attend, kv, index, layer, rows)
         x = constrain(x + h, RESIDUAL)
-        return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL), kv
+        return constrain(x + self.mlp(self.mlp_norm(x), rows), RESIDUAL), kv
 
 
 class Llama(nnx.Module):
@@ -172,10 +175,15 @@ class Llama(nnx.Module):
         cache: Cache | None = None,
         adapters: dict | None = None,  # LoRA: {target: {"a": [L, *in, r], "b": [L, r, *out]}} (lora.py)
         lora_scale: float = 1.0,
+        row_adapters: dict | None = None,  # one LoRA per row: {target: {"a": [L, B, *in, r], "b": [L, B, r, *out]}}
+        quant_scales: dict | None = None,  # the scales of layer weights held quantized (quant.py)
     ) -> tuple[jax.Array, Cache | None]:
         """Returns fp32 logits [B, T, V] and, when decoding, the cache advanced by T slots.
 
         With `adapters`, each layer runs with W + lora_scale·A·B, formed inside the scan one layer at a time.
+        With `row_adapters` (scale folded into b), row i adds x·A_i·B_i to each target's output: requests for
+        different adapters share a batch. With `quant_scales`, the layer weights those name are integers,
+        dequantized inside the scan one layer at a time.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         table = constrain(cast(self.embed, dt), ("vocab", "act_embed"))  # gathered whole over fsdp, as FSDP does
@@ -188,19 +196,21 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
             index, kv_in = cache["index"], (cache["k"], cache["v"])
             check_room(index, tokens.shape[1], cache["segment_ids"].shape[1])
-            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)
+            kv_segments = write_cache(cache["segment_ids"][None], segment_ids, 0, index)[0]
             attend = attention.cached(segment_ids, kv_segments, index)
 
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer(carry, xs):  # the cache rides in the carry: updated in place, layer by layer
-            (x, kv), (params, ab, i) = carry, xs
-            nnx.replace_by_pure_dict(params, lora.merge_layer(nnx.to_pure_dict(params), ab, lora_scale))
-            return nnx.merge(graphdef, params)(x, positions, attend, kv, index, i), None
+            (x, kv), (params, ab, rows, scales, i) = carry, xs
+            pure = quant.dequantize(nnx.to_pure_dict(params), scales)
+            nnx.replace_by_pure_dict(params, lora.merge_layer(pure, ab, lora_scale))
+            return nnx.merge(graphdef, params)(x, positions, attend, kv, index, i, rows), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat])
-        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), (layer_state, adapters or {}, jnp.arange(cfg.n_layers)))
+        xs = (layer_state, adapters or {}, row_adapters or {}, quant_scales or {}, jnp.arange(cfg.n_layers))
+        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), xs)
 
         x = self.final_norm(x)
         # Gathered in bf16 here: left to the partitioner, the backward's fp32 product gathers an fp32 copy.
@@ -225,10 +235,19 @@ def check_room(index: jax.Array | int, t: int, slots: int) -> None:
     """
     message = f"KV cache overflow: writing {t} slots at index {{index}} of a cache of {slots}"
     if not isinstance(index, jax.core.Tracer):
-        if int(index) + t > slots:
-            raise ValueError(message.format(index=int(index)))
+        if int(np.max(index)) + t > slots:
+            raise ValueError(message.format(index=int(np.max(index))))
     else:
-        checkify.check(index + t <= slots, message, index=index)
+        checkify.check(jnp.all(index + t <= slots), message, index=jnp.max(index))
+
+
+def write_cache(stack: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
+    """`stack` [L, B, S, ...] with new [B, T, ...] written into layer `layer` from slot `index` (or one per row)."""
+    new = new.astype(stack.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(stack, new[None], (layer, 0, index) + (0,) * (new.ndim - 2))
+    write = lambda rows, n, i: jax.lax.dynamic_update_slice(rows, n[None], (layer, i) + (0,) * (n.ndim - 1))  # noqa: E731
+    return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(stack, new, index)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:

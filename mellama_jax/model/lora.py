@@ -84,6 +84,20 @@ def delta(a: jax.Array, b: jax.Array, s: float) -> jax.Array:
     return s * jnp.tensordot(a, b, axes=1)
 
 
+def row_delta(x: jax.Array, ab: Mapping | None, n_in: int = 1) -> jax.Array | int:
+    """Each row's own x·A·B: x [B, T, *in], ab {"a": [B, *in, r], "b": [B, r, *out]} (scale in b) -> [B, T, *out].
+
+    0 without adapters. Serving gathers a request's adapter per row, so one batch mixes adapters unmerged.
+    """
+    if ab is None:
+        return 0
+    a, b = ab["a"], ab["b"]
+    rows, t, rank = x.shape[0], x.shape[1], a.shape[-1]
+    xa = jnp.einsum("BTI,BIR->BTR", x.reshape(rows, t, -1), a.reshape(rows, -1, rank).astype(x.dtype))
+    out = jnp.einsum("BTR,BRO->BTO", xa, b.reshape(rows, rank, -1).astype(x.dtype))
+    return out.reshape(rows, t, *b.shape[2:])
+
+
 def merge_layer(layer: dict, adapters: Mapping, s: float) -> dict:
     """One layer's params (a pure dict) with every adapted weight replaced by W + s·A·B."""
     merged = jax.tree.map(lambda x: x, layer)  # a new tree: the caller's stays as it was
