@@ -312,3 +312,30 @@ def test_a_reachable_host_without_a_key_is_refused_before_loading(tmp_path):
         "mellama serve: error: --host 0.0.0.0 is reachable from other machines: give --api-key (or MELLAMA_API_KEY),"
         " or --insecure to serve without one"
     )
+
+
+def test_lm_eval_local_completions_scores_what_mellama_lm_eval_scores(live, ckpt, monkeypatch):
+    """lm-eval's own OpenAI-API model against the server, and our lm-eval model in-process, on a local task."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from test_lm_eval import DATA, LOGPROB_TOL, OFFLINE
+
+    import mellama_jax.evaluation.lm_eval  # noqa: F401  registers the "mellama" model
+
+    url, _ = live
+    monkeypatch.chdir(DATA)
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    tasks = TaskManager(include_path=str(DATA))
+    run = lambda model, args: lm_eval.simple_evaluate(  # noqa: E731
+        model=model, model_args=args, tasks=["mellama_tiny_mc"], task_manager=tasks, log_samples=True
+    )
+    direct = run("mellama", {"ckpt": str(ckpt), "max_length": MAX_LEN})
+    served = run("local-completions", {"base_url": f"{url}/v1/completions", "model": "base", "max_length": MAX_LEN,
+                                       "tokenizer_backend": "huggingface", "tokenizer": str(ckpt.parent / "hf"),
+                                       "add_bos_token": True})  # as HF models (and ours) encode  # fmt: skip
+    responses = lambda out: sum((s["filtered_resps"] for s in out["samples"]["mellama_tiny_mc"]), [])  # noqa: E731
+    ours, theirs = responses(direct), responses(served)
+    assert len(ours) == len(theirs) == 26
+    np.testing.assert_allclose([float(r[0]) for r in theirs], [float(r[0]) for r in ours], atol=LOGPROB_TOL, rtol=0)
+    assert [r[1] for r in theirs] == [r[1] for r in ours]
