@@ -99,13 +99,15 @@ def test_quantized_weights_are_round_to_nearest_and_served_as_their_dequantized_
     floats = gen.Loaded(**{**model.__dict__, "params": {**model.params, "layers": {**layers, **dequantized}}})
     ids = prompts(model.cfg.vocab_size, lengths=(5, 17, 9, 30), seed=4)
     want = gen.generate(floats, ids, gen.Sampling(max_new_tokens=10))
-    quantized, q_scales, report = quality.quantized(model, mode, "w5 w6 w7 w8 " * 8)
-    engine = Engine(quantized, slots=4, max_len=64, quant_scales=q_scales)
+    quantized = quality.quantized(model, mode, "w5 w6 w7 w8 " * 8)
+    report = quantized.quant_report
+    engine = Engine(quantized, slots=4, max_len=64)
     engine.start()
     try:
         assert run_engine(engine, ids, [10] * len(ids)) == want
     finally:
         engine.stop()
+    assert gen.generate(quantized, ids, gen.Sampling(max_new_tokens=10)) == want  # generate (and eval) quantized
     # the report's perplexities are those of the two models on the text
     tokens = np.asarray([model.tokenizer.encode("w5 w6 w7 w8 " * 8)])
     for params_, key in ((model.params, "perplexity"), (floats.params, "perplexity_quantized")):

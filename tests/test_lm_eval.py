@@ -179,7 +179,8 @@ def test_unknown_model_args_and_tasks_are_one_line_errors(tmp_path, capsys):
     bad_arg = ["--model_args", f"ckpt={tmp_path},pretrained=gpt2", *local, "mellama_tiny_mc"]
     assert main(["lm-eval", "--model", "mellama", *bad_arg]) == 2  # was lm-eval's raw TypeError
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "mellama lm-eval: error: lm-eval model_args: unknown pretrained (known: ckpt, dtype, max_length, max_gen_toks)"
+        "mellama lm-eval: error: lm-eval model_args: unknown pretrained (known: ckpt, dtype, quantize, max_length,"
+        " max_gen_toks)"
     )
     bad_task = ["--model_args", f"ckpt={tmp_path}", *local, "mellama_tiny_mc,no_such_task"]
     assert main(["lm-eval", "--model", "mellama", *bad_task]) == 2  # was lm-eval's raw ValueError

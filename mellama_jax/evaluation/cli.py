@@ -15,7 +15,7 @@ def _eval(args: argparse.Namespace) -> None:
     sampling = Sampling(max_new_tokens=args.max_new_tokens)
     settings = EvalSettings(shots=args.shots, limit=args.limit, template=args.chat_template, sampling=sampling)
     evaluate(args.ckpt_dir, args.tasks, args.data_dir, args.out, settings, args.batch_size,
-             args.exclude_contaminated, args.overwrite, args.dtype)  # fmt: skip
+             args.exclude_contaminated, args.overwrite, args.dtype, args.quantize)  # fmt: skip
     print((args.out / TABLE).read_text(), end="")
     print(f"results in {args.out / RESULTS}, every output in {args.out / 'predictions'}")
 
@@ -33,6 +33,7 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--chat-template", default="raw", choices=("raw", "me-llama", "llama2-chat"),
                           help="wrap each prompt (default raw: as the paper's harness sends it)")  # fmt: skip
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default float32)")
+    evaluate.add_argument("--quantize", choices=("int8", "int4"), help="weight-only, as mellama serve's (default: off)")
     evaluate.add_argument("--exclude-contaminated", type=pathlib.Path, metavar="REPORT",
                           help="a `mellama decontaminate` report: also score the clean subset")  # fmt: skip
     evaluate.add_argument("--overwrite", action="store_true", help="replace results of other settings in --out")

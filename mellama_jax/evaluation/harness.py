@@ -68,6 +68,7 @@ def evaluate(
     exclude_report: pathlib.Path | None = None,
     overwrite: bool = False,
     dtype: str | None = None,
+    quantize: str | None = None,
 ) -> dict:
     """Runs `tasks` ("all" or "a,b") on the checkpoint and writes the outputs; returns results.json's content."""
     out_dir = pathlib.Path(out_dir)
@@ -89,9 +90,9 @@ def evaluate(
         raise OSError(e.errno, e.strerror, str(lock.path)) from e
     try:
         previous = _check_out(out_dir, overwrite)  # under the lock: an eval that just ended here may have written it
-        model = load(ckpt_dir, dtype)
+        model = load(ckpt_dir, dtype, quantize=quantize)
         identity = {"checkpoint": str(pathlib.Path(ckpt_dir).resolve()), "fingerprint": model.fingerprint,
-                    "dtype": model.cfg.dtype, "settings": _settings(settings),
+                    "dtype": model.cfg.dtype, "quantize": model.quantize, "settings": _settings(settings),
                     "data_dir": str(pathlib.Path(data_dir).resolve())}  # fmt: skip
         if previous and {k: previous.get(k) for k in identity} != identity:
             if not overwrite:
@@ -264,7 +265,9 @@ def table(results: dict) -> str:
         f"# MIBE results: {results['checkpoint']}",
         "",
         f"{settings['shots']}-shot, {decoding}, up to {sampling['max_new_tokens']} new tokens, stop at EOS;"
-        f" template {settings['template']}; {results['dtype']} compute; fingerprint `{results['fingerprint']}`.",
+        f" template {settings['template']}; {results['dtype']} compute"
+        f"{', ' + results['quantize'] + ' weights' if results.get('quantize') else ''};"
+        f" fingerprint `{results['fingerprint']}`.",
         "paper parser: the first choice (in choice order) found in the output, as the paper's harness;"
         " strict: the first label at the start of the answer.",
         "",

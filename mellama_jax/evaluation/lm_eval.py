@@ -48,12 +48,13 @@ GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top
 def score_tokens(
     cfg: ModelConfig,
     params: dict,
+    scales: dict,  # quantized layer weights' scales ({} = none)
     tokens: jax.Array,  # [B, T] int: the model's input
     targets: jax.Array,  # [B, T] int: the token that follows each input position
 ) -> tuple[jax.Array, jax.Array]:
     """(log P(target) [B, T] in fp32, whether the target is the argmax [B, T]) for every position."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, _ = with_params(cfg, params)(tokens, positions)  # [B, T, V] fp32
+    logits, _ = with_params(cfg, params)(tokens, positions, quant_scales=scales or None)  # [B, T, V] fp32
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return picked, jnp.argmax(logits, axis=-1) == targets
@@ -79,7 +80,8 @@ def _positive_int(value: Any, name: str) -> int:
 class MellamaLM(TemplateLM):
     """A mellama checkpoint as an lm-eval model.
 
-    model_args: `ckpt` (a converted checkpoint or a training run, its latest step), `dtype` (compute dtype,
+    model_args: `ckpt` (a converted checkpoint or a training run, its latest step), `quantize` (int8 or int4
+    weight-only, as `mellama serve --quantize`), `dtype` (compute dtype,
     default float32 as `generate.load`; bfloat16 for speed), `max_length` (the context window, default and at
     most the model's max_seq_len), `max_gen_toks` (default for generation, 256). `batch_size` comes from lm-eval's
     `--batch_size` (rows per forward pass, rounded up to a multiple of the mesh's batch shards). lm-eval's
@@ -91,6 +93,7 @@ class MellamaLM(TemplateLM):
         self,
         ckpt: str | None = None,
         dtype: str | None = None,
+        quantize: str | None = None,
         max_length: int | str | None = None,
         max_gen_toks: int | str = 256,
         batch_size: int | str = 16,
@@ -101,7 +104,7 @@ class MellamaLM(TemplateLM):
     ):
         super().__init__()
         if unknown:  # lm-eval would pass them on as a raw TypeError
-            known = "ckpt, dtype, max_length, max_gen_toks"
+            known = "ckpt, dtype, quantize, max_length, max_gen_toks"
             raise UserError(f"lm-eval model_args: unknown {', '.join(sorted(unknown))} (known: {known})")
         if (ckpt is None) == (loaded is None):
             raise UserError("lm-eval model_args: give ckpt=CKPT_DIR (a converted checkpoint or a training run)")
@@ -111,7 +114,7 @@ class MellamaLM(TemplateLM):
         self._max_gen_toks = _positive_int(max_gen_toks, "model_args max_gen_toks")
         max_length = None if max_length is None else _positive_int(max_length, "model_args max_length")
         if loaded is None:  # arguments checked first: loading a large checkpoint takes minutes
-            loaded = generate.load(ckpt, dtype=dtype)
+            loaded = generate.load(ckpt, dtype=dtype, quantize=quantize or None)
         self.loaded, self.cfg, self.tok = loaded, loaded.cfg, loaded.tokenizer
         window = self.cfg.max_seq_len
         self._max_length = max_length or window
@@ -126,7 +129,7 @@ class MellamaLM(TemplateLM):
         by_row, params = batch_sharding(mesh), jax.tree.map(lambda a: a.sharding, loaded.params)
         self._score = jax.jit(
             functools.partial(score_tokens, self.cfg),
-            in_shardings=(params, by_row, by_row),
+            in_shardings=(params, None, by_row, by_row),
             out_shardings=(by_row, by_row),
         )
 
@@ -158,7 +161,8 @@ class MellamaLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """Recorded in lm-eval's results["config"]."""
-        return {"model_fingerprint": self.loaded.fingerprint, "model_dtype": self.cfg.dtype}
+        return {"model_fingerprint": self.loaded.fingerprint, "model_dtype": self.cfg.dtype,
+                "model_quantize": self.loaded.quantize, "model_quant_report": self.loaded.quant_report}  # fmt: skip
 
     # Scoring.
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -194,7 +198,8 @@ class MellamaLM(TemplateLM):
                 inputs, following, _ = rows[i]
                 tokens[r, : len(inputs)], targets[r, : len(inputs)] = inputs, following
             with activation_mesh(self.loaded.mesh):  # traced here: activations pinned onto the checkpoint's mesh
-                logp, greedy = jax.device_get(self._score(self.loaded.params, tokens, targets))
+                weights = (self.loaded.params, self.loaded.scales or {})
+                logp, greedy = jax.device_get(self._score(*weights, tokens, targets))
             for r, i in enumerate(chunk):
                 n, scored = len(rows[i][0]), rows[i][2]
                 answers[i] = (float(logp[r, n - scored : n].sum()), bool(greedy[r, n - scored : n].all()))

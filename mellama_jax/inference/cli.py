@@ -42,7 +42,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     texts = _prompts(args)
-    model = load(args.ckpt_dir, args.dtype)
+    model = load(args.ckpt_dir, args.dtype, quantize=args.quantize)
     ids = [model.tokenizer.encode(apply_template(text, args.chat_template)) for text in texts]
     outputs = [model.tokenizer.decode(new) for new in generate(model, ids, sampling, args.batch_size)]
     if args.prompts is None:  # one prompt: its text; a file of them: JSON lines, even for one
@@ -69,6 +69,7 @@ def add_commands(commands) -> None:
                      help="wrap each prompt as SFT data is wrapped (default raw: as given)")  # fmt: skip
     gen.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default float32)")
+    gen.add_argument("--quantize", choices=("int8", "int4"), help="weight-only, as mellama serve's (default: off)")
     gen.set_defaults(run=_generate)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible server (continuous batching, LoRA, int8/int4)")

@@ -68,14 +68,14 @@ class Adapters:
 
 class Engine:
     def __init__(self, model: Loaded, slots: int, max_len: int, adapters: Adapters | None = None,
-                 quant_scales: dict | None = None, max_queue: int = 64):  # fmt: skip
+                 max_queue: int = 64):  # fmt: skip
         cfg = model.cfg
         if not 0 < max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in 1..{cfg.max_seq_len} (the model's window), got {max_len}")
         self.model, self.slots, self.max_len, self.max_queue = model, slots, max_len, max_queue
         # What the programs read besides the cache: passed as arguments (a closure would embed them as constants).
         self.weights = {"params": model.params, "adapters": adapters.stack if adapters else {},
-                        "scales": quant_scales or {}}  # fmt: skip
+                        "scales": model.scales or {}}  # fmt: skip
         self.eos = np.asarray(model.eos_ids or (-1,), np.int32)
         self.buckets = _buckets(max_len)
         with activation_mesh(model.mesh):

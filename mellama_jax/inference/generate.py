@@ -37,7 +37,7 @@ from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from mellama_jax.errors import UserError
 from mellama_jax.inference.sampling import sample_rows
-from mellama_jax.model import lora
+from mellama_jax.model import lora, quant
 from mellama_jax.model.llama import abstract_model, init_cache, with_params
 from mellama_jax.model.sharding import activation_mesh, batch_sharding, make_mesh, shardings, spec
 from mellama_jax.outdir import sha256_of
@@ -79,6 +79,9 @@ class Loaded:
     eos_ids: tuple[int, ...]  # generation_config.json's eos_token_id, else the tokenizer's EOS
     mesh: Mesh
     fingerprint: str  # "sha256:<hex>" of the params' stored files
+    scales: dict | None = None  # with `quantize`: the integer layer weights' scales (model/quant.py)
+    quantize: str | None = None  # None, "int8" or "int4"
+    quant_report: dict | None = None  # what quantizing cost, measured at load (inference/quality.py)
 
 
 def decode_mesh(cfg: ModelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -95,9 +98,11 @@ def decode_mesh(cfg: ModelConfig, devices: Sequence[jax.Device] | None = None) -
     return make_mesh(MeshConfig(data=len(devices) // tensor, fsdp=1, tensor=tensor), devices)
 
 
-def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | None = None) -> Loaded:
+def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | None = None,
+         quantize: str | None = None, quant_text: str | None = None) -> Loaded:  # fmt: skip
     """A converted checkpoint or a training run (its latest complete step), placed on `mesh`. A LoRA run's
-    adapters are folded into its base weights here, once.
+    adapters are folded into its base weights here, once. `quantize` ("int8", "int4") holds the layer weights
+    as integers, once the cost is measured on `quant_text` (or a built-in text) and logged.
 
     `dtype` is the compute dtype, and the params are held in it: decoding reads every weight per token, so
     "bfloat16" halves that traffic. None computes in float32, whatever the checkpoint trained in, so scores
@@ -109,6 +114,8 @@ def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | No
     lora_cfg = lora.read_lora_config(ckpt_dir) if subtree else None
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in quant.MODES:
+        raise UserError(f"quantize must be one of {', '.join(quant.MODES)}, got {quantize!r}")
     cfg = read_model_config(ckpt_dir / "model_config.json")
     cfg = dataclasses.replace(cfg, dtype=dtype or "float32", param_dtype=dtype or cfg.param_dtype, remat="none")
     tokenizer = load_tokenizer(ckpt_dir)
@@ -128,7 +135,12 @@ def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | No
             raise UserError(f"{item_dir}: does not fit model_config.json ({str(e).splitlines()[0][:200]})") from None
         if lora_cfg is not None:
             params = _folded(params, item_dir, lora_cfg)
-        return Loaded(cfg, params, tokenizer, _eos_ids(ckpt_dir, tokenizer), mesh, digest.result())
+        loaded = Loaded(cfg, params, tokenizer, _eos_ids(ckpt_dir, tokenizer), mesh, digest.result())
+    if quantize is None:
+        return loaded
+    from mellama_jax.inference import quality  # it measures with this module's model
+
+    return quality.quantized(loaded, quantize, quant_text)
 
 
 def _folded(params: dict, item_dir: pathlib.Path, cfg: LoraConfig) -> dict:
@@ -216,10 +228,11 @@ def _decoder(cfg: ModelConfig, sampling: Sampling, eos_ids: tuple[int, ...], mes
     """
     n = sampling.max_new_tokens
 
-    def run(params, tokens, lengths, live, rows, seed):
-        # tokens [B, P] left-padded, lengths [B] prompt lengths, live [B] real rows, rows [B] prompt indices
+    def run(weights, tokens, lengths, live, rows, seed):
+        # weights (params, quantization scales); tokens [B, P] left-padded, lengths [B] prompt lengths,
+        # live [B] real rows, rows [B] prompt indices
         b, p = tokens.shape
-        model = with_params(cfg, params)
+        model = functools.partial(with_params(cfg, weights[0]), quant_scales=weights[1] or None)
         first = p - lengths[:, None]  # [B, 1] slot of each prompt's first token
         slots = jnp.arange(p)[None, :]
         positions = jnp.maximum(slots - first, 0)
@@ -318,7 +331,7 @@ def generate(
         tokens, *per_row = _left_padded(ids, chosen, rows, p)
         with activation_mesh(mesh):
             error, (out, length) = decode(
-                model.params,
+                (model.params, model.scales or {}),
                 jax.device_put(tokens, batch_sharding(mesh)),
                 *(jax.device_put(x, rows_sharding) for x in per_row),
                 jnp.int32(sampling.seed),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import pathlib
 
@@ -22,6 +23,8 @@ from mellama_jax.inference.generate import Loaded
 from mellama_jax.model import quant
 from mellama_jax.model.llama import with_params
 from mellama_jax.model.sharding import activation_mesh
+
+log = logging.getLogger(__name__)
 
 HELD_OUT = (
     "A 64-year-old woman presented to the emergency department with two days of fever, productive cough and "
@@ -53,8 +56,11 @@ def _measure(model: Loaded, params, scales, tokens) -> tuple[float, np.ndarray]:
     return math.exp(float(nll)), np.asarray(jnp.argmax(logits[:-1], axis=-1))
 
 
-def quantized(model: Loaded, mode: str, text: str | None = None) -> tuple[Loaded, dict, dict]:
-    """(the model with integer layer weights, their scales, the measured cost on `text` or the built-in one)."""
+def quantized(model: Loaded, mode: str, text: str | None = None) -> Loaded:
+    """The model with integer layer weights and their scales, and the cost measured on `text` (or the built-in
+    one) in its `quant_report`, which is also logged."""
+    if mode not in quant.MODES:
+        raise UserError(f"quantize must be one of {', '.join(quant.MODES)}, got {mode!r}")
     ids = model.tokenizer.encode(text or HELD_OUT)[: model.cfg.max_seq_len]
     if len(ids) < 16:
         raise UserError("--quant-check-text: needs at least 16 tokens to measure anything")
@@ -70,7 +76,8 @@ def quantized(model: Loaded, mode: str, text: str | None = None) -> tuple[Loaded
         "perplexity_change": round(q_ppl / ppl - 1, 5),
         "top1_agreement": round(float(np.mean(top == q_top)), 4),
     }
-    return dataclasses.replace(model, params=params), scales, report
+    log.info(summary(mode, report))
+    return dataclasses.replace(model, params=params, scales=scales, quantize=mode, quant_report=report)
 
 
 def summary(mode: str, report: dict) -> str:

@@ -107,13 +107,9 @@ def stack_adapters(model: Loaded, runs: list[tuple[str, pathlib.Path]]) -> tuple
 def build_state(args: argparse.Namespace, api_key: str | None):
     from mellama_jax.inference.server import State
 
-    model = load(args.ckpt_dir, args.dtype)
+    model = load(args.ckpt_dir, args.dtype, quantize=args.quantize, quant_text=quality.read_text(args.quant_check_text))
     base = args.name or args.ckpt_dir.resolve().name
     adapters, cards = stack_adapters(model, args.adapter or [])
-    scales, report = None, None
-    if args.quantize:
-        model, scales, report = quality.quantized(model, args.quantize, quality.read_text(args.quant_check_text))
-        log.info(quality.summary(args.quantize, report))
     created = int(time.time())
 
     def card(name: str, facts: dict) -> dict:
@@ -121,8 +117,8 @@ def build_state(args: argparse.Namespace, api_key: str | None):
         return {"id": name, "object": "model", "created": created, "owned_by": "mellama-jax", "root": facts["path"],
                 "parent": parent, "mellama": facts}  # fmt: skip
 
-    base_facts = {**_origin(args.ckpt_dir), "params_fingerprint": model.fingerprint, "quantize": args.quantize,
-                  "quantization_cost": report, "lora": None}  # fmt: skip
+    base_facts = {**_origin(args.ckpt_dir), "params_fingerprint": model.fingerprint, "quantize": model.quantize,
+                  "quantization_cost": model.quant_report, "lora": None}  # fmt: skip
     models = {base: {"adapter": 0, "card": card(base, base_facts)}}
     for i, ((name, run), extra) in enumerate(zip(args.adapter or [], cards, strict=True), 1):
         if name in models:
@@ -133,7 +129,7 @@ def build_state(args: argparse.Namespace, api_key: str | None):
     max_len = args.max_len or model.cfg.max_seq_len
     if not 0 < max_len <= model.cfg.max_seq_len:
         raise UserError(f"--max-len must be in 1..{model.cfg.max_seq_len} (the model's max_seq_len), got {max_len}")
-    engine = Engine(model, args.max_slots, max_len, adapters, scales, args.max_queue)
+    engine = Engine(model, args.max_slots, max_len, adapters, args.max_queue)
     return State(engine, model.tokenizer, models, template, api_key, Metrics(args.max_slots))
 
 
