@@ -250,3 +250,26 @@ def test_without_the_extra_the_error_says_which_to_install(monkeypatch):
     monkeypatch.setattr(topologies, "get_topology_desc", missing)
     with pytest.raises(UserError, match=r"a100-80g: compiling for it needs `pip install 'mellama-jax\[cuda\]'`"):
         dev.compile_only_devices(hardware.KINDS["a100-80g"], 8)
+
+
+def serve_rows(quantize: str | None) -> tuple[list[str], dict[int, list[str]]]:
+    from mellama_jax.planning import serve_plan
+
+    model = config("me-llama-70b-cpt.yaml").model
+    lines = serve_plan.report(model, hardware.KINDS["h100-80g"], quantize, 32, 4096, 1)
+    rows = {int(line.split()[0]): line.split() for line in lines if re.match(r"\s+\d+\s+tensor", line)}
+    return lines, rows
+
+
+@needs_cuda
+def test_serving_70b_bf16_needs_more_than_one_h100_and_int8_names_what_fits():
+    lines, rows = serve_rows(None)
+    assert "320 KiB per token (bf16), 1.25 GiB per 4096-token slot" in "\n".join(lines)  # 2 x 80 x 8 x 128 x 2 B
+    assert sorted(rows) == [1, 2, 4, 8]
+    assert float(rows[1][3]) == round(2 * 68_976_648_192 / GIB, 1) == 128.5  # the weights alone, > 80 GB
+    assert rows[1][-2] == "no" and rows[8][-2] == "yes"
+    assert float(rows[2][3]) == pytest.approx(128.5 / 2, abs=0.1) and float(rows[8][5]) == 5.0  # tensor-parallel
+    int8_lines, int8_rows = serve_rows("int8")
+    assert 0.5 < float(int8_rows[1][3]) / 128.5 < 0.52  # int8 layer weights + bf16 embedding and head
+    fewest = int(re.search(r"fewest\s+(\d+) x h100-80g", "\n".join(int8_lines)).group(1))
+    assert fewest == min(n for n, row in int8_rows.items() if row[-2] == "yes")

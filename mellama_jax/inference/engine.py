@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from mellama_jax.config import ModelConfig
 from mellama_jax.inference.generate import PREFILL_CHUNK, Loaded, _prefill, bucket_length
 from mellama_jax.inference.sampling import sample_rows
 from mellama_jax.model.llama import init_cache, with_params
@@ -81,7 +82,8 @@ class Engine:
         with activation_mesh(model.mesh):
             cache = jax.jit(functools.partial(init_cache, cfg, slots, max_len))()
         self.cache = {**cache, "index": jnp.zeros((slots,), jnp.int32)}  # one position per slot
-        self._step = jax.jit(checkify.checkify(self._step_fn, errors=checkify.user_checks), donate_argnums=1)
+        step = functools.partial(decode_step, cfg)
+        self._step = jax.jit(checkify.checkify(step, errors=checkify.user_checks), donate_argnums=1)
         self._prefill = jax.jit(checkify.checkify(self._prefill_fn, errors=checkify.user_checks), donate_argnums=1)
         self._score = jax.jit(self._score_fn)
         # Host-side state per slot: its request, next token to feed, position, tokens produced.
@@ -94,19 +96,12 @@ class Engine:
         self.thread: threading.Thread | None = None
 
     # ---- the jitted programs -------------------------------------------------------------------------------
-    def _forward(self, weights, adapter_ids, *args):
-        """The model on args (tokens, positions[, segments, cache]), row i with adapter `adapter_ids[i]`."""
-        model = with_params(self.model.cfg, weights["params"])
-        # each row's adapter gathered from the stack: {target: {"a": [L, B, *in, r], "b": [L, B, r, *out]}}
-        rows = jax.tree.map(lambda s: jnp.moveaxis(jnp.take(s, adapter_ids, axis=0), 0, 1), weights["adapters"])
-        return model(*args, row_adapters=rows or None, quant_scales=weights["scales"] or None)
-
     def _prefill_fn(self, weights, cache, tokens, n, slot, adapter):
         """The slot's rows of `cache` replaced by the first `n` of `tokens` [1, P] (the rest masked off)."""
         cfg, p = self.model.cfg, tokens.shape[1]
         positions = jnp.arange(p)[None]
         segments = (positions < n).astype(jnp.int32)
-        model = _Bound(self, weights, adapter[None])
+        model = functools.partial(forward, cfg, weights, adapter[None])
         small = _prefill(model, tokens, positions, segments, init_cache(cfg, 1, p), PREFILL_CHUNK)
         at = (0, slot, 0, 0, 0)
         k = jax.lax.dynamic_update_slice(cache["k"], small["k"], at)
@@ -115,22 +110,11 @@ class Engine:
         segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], row, (slot, 0))
         return {"k": k, "v": v, "segment_ids": segment_ids, "index": cache["index"]}
 
-    def _step_fn(self, weights, cache, tokens, index, adapter_ids, temperature, top_k, top_p, seeds, counts):
-        """Every slot fed its token at its own index: (new token, its log-prob, top ids, top log-probs, cache)."""
-        cache = {**cache, "index": index}
-        ones = jnp.ones((self.slots, 1), jnp.int32)
-        logits, cache = self._forward(weights, adapter_ids, tokens[:, None], index[:, None], ones, cache)
-        logits = logits[:, 0]
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds, counts)
-        new = sample_rows(logits, keys, temperature, top_k, top_p)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-        return new, jnp.take_along_axis(logp, new[:, None], axis=-1)[:, 0], top_ids, top_lp, cache
-
     def _score_fn(self, weights, tokens, adapter):
         """log P of each next token of tokens [1, P] ([1, P - 1]), and the top alternatives at each position."""
         positions = jnp.arange(tokens.shape[1])[None]
-        logp = jax.nn.log_softmax(self._forward(weights, adapter[None], tokens, positions)[0][:, :-1], axis=-1)
+        logits = forward(self.model.cfg, weights, adapter[None], tokens, positions)[0]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
         top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
         return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], top_ids, top_lp
 
@@ -282,15 +266,30 @@ class Engine:
                 self._free(slot)
 
 
-class _Bound:
-    """The engine's model bound to params and per-row adapters: called as `model(tokens, positions, segments,
-    cache)`, as `generate._prefill` calls it."""
+def forward(cfg: ModelConfig, weights: dict, adapter_ids: jax.Array, *args):
+    """The model on args (tokens, positions[, segments, cache]), row i with adapter `adapter_ids[i]`."""
+    model = with_params(cfg, weights["params"])
+    # each row's adapter gathered from the stack: {target: {"a": [L, B, *in, r], "b": [L, B, r, *out]}}
+    rows = jax.tree.map(lambda s: jnp.moveaxis(jnp.take(s, adapter_ids, axis=0), 0, 1), weights["adapters"])
+    return model(*args, row_adapters=rows or None, quant_scales=weights["scales"] or None)
 
-    def __init__(self, engine: Engine, weights: dict, adapter_ids: jax.Array):
-        self.engine, self.weights, self.adapter_ids = engine, weights, adapter_ids
 
-    def __call__(self, *args):
-        return self.engine._forward(self.weights, self.adapter_ids, *args)
+def decode_step(cfg: ModelConfig, weights, cache, tokens, index, adapter_ids, temperature, top_k, top_p, seeds, counts):
+    """Every slot fed its token at its own index: (new token, its log-prob, top ids, top log-probs, cache).
+
+    All per-slot arguments are [slots]: the token to feed and its position, the adapter, the sampling settings,
+    the seed and how many tokens the slot's request has had (its key is fold_in(fold_in(key(seed), 0), count)).
+    """
+    slots = tokens.shape[0]
+    cache = {**cache, "index": index}
+    ones = jnp.ones((slots, 1), jnp.int32)
+    logits, cache = forward(cfg, weights, adapter_ids, tokens[:, None], index[:, None], ones, cache)
+    logits = logits[:, 0]
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds, counts)
+    new = sample_rows(logits, keys, temperature, top_k, top_p)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    return new, jnp.take_along_axis(logp, new[:, None], axis=-1)[:, 0], top_ids, top_lp, cache
 
 
 def _buckets(max_len: int) -> list[int]:

@@ -246,8 +246,9 @@ def write_cache(stack: jax.Array, new: jax.Array, layer: jax.Array | int, index:
     new = new.astype(stack.dtype)
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice(stack, new[None], (layer, 0, index) + (0,) * (new.ndim - 2))
-    write = lambda rows, n, i: jax.lax.dynamic_update_slice(rows, n[None], (layer, i) + (0,) * (n.ndim - 1))  # noqa: E731
-    return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(stack, new, index)
+    rows, t = new.shape[:2]
+    slots = index[:, None] + jnp.arange(t)  # [B, T]: where each row's new entries go
+    return stack.at[layer, jnp.arange(rows)[:, None], slots].set(new, unique_indices=True, indices_are_sorted=True)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
