@@ -99,3 +99,47 @@ def test_tokenizer_ids_survive_both_conversions(source, converted):
         ids = original(text)["input_ids"]
         assert back(text)["input_ids"] == ids == ours.encode(text), text
     assert back.apply_chat_template(PROMPT, tokenize=False) == original.apply_chat_template(PROMPT, tokenize=False)
+
+
+def test_served_answers_equal_mellama_generates_for_eight_concurrent_clients(source, converted, tmp_path):
+    """`mellama serve` on the converted checkpoint, the openai client streamed and not, 8 clients at once, each
+    answer against `mellama generate`'s for its prompt; the checkpoint's own chat template against transformers'."""
+    import concurrent.futures
+
+    openai = pytest.importorskip("openai")
+    from test_quiet_host import mellama
+    from test_serve import server
+
+    questions = ["The first-line treatment for type 2 diabetes is", "Three symptoms of sepsis are",
+                 "An elevated troponin suggests", "Community-acquired pneumonia is treated with",
+                 "Two causes of atrial fibrillation are", "The normal range of serum sodium is",
+                 "Metformin is held before contrast imaging because", "The CURB-65 score measures"]  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    done = mellama("generate", converted[0], "--prompts", tmp_path / "prompts.jsonl", "--max-new-tokens", 24)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = [json.loads(line)["output"] for line in done.stdout.splitlines()]
+    assert len(set(want)) == 8 and all(len(w) > 20 for w in want)  # real, different answers
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(source)
+    with server(converted[0], "--max-len", 256, "--max-slots", 8, "--name", "smollm2") as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def ask(i):
+            kwargs = {"model": "smollm2", "prompt": questions[i], "max_tokens": 24, "temperature": 0}
+            if i % 2:
+                return "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True))
+            return client.completions.create(**kwargs).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ask, range(8))) == want
+
+        # chat through the checkpoint's own template: the ids transformers' apply_chat_template gives
+        rendered = hf_tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+        ids = hf_tok(rendered, add_special_tokens=False)["input_ids"]  # as apply_chat_template(tokenize=True)
+        reply = client.chat.completions.create(model="smollm2", messages=PROMPT, max_tokens=24, temperature=0)
+        via_ids = client.completions.create(model="smollm2", prompt=ids, max_tokens=24, temperature=0)
+        assert reply.choices[0].message.content == via_ids.choices[0].text and reply.usage.prompt_tokens == len(ids)
+        streamed = client.chat.completions.create(model="smollm2", messages=PROMPT, max_tokens=24, temperature=0,
+                                                  stream=True)  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == reply.choices[0].message.content

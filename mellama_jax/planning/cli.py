@@ -53,8 +53,11 @@ def add_commands(commands) -> None:
     plan.add_argument("--device-kind", choices=tuple(KINDS), help="compile the step for these devices (no GPU needed)")
     plan.add_argument("--search", action="store_true", help="compile other meshes, micro-batches and remat; list fits")
     plan.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation for step time (default 0.40)")
-    plan.add_argument("--serve", action="store_true",
-                      help="plan `mellama serve` instead: the decode step compiled for --device-kind on 1, 2, 4, 8")
+    plan.add_argument(
+        "--serve",
+        action="store_true",
+        help="plan `mellama serve` instead: the decode step compiled for --device-kind on 1, 2, 4, 8",
+    )
     plan.add_argument("--quantize", choices=("int8", "int4"), help="--serve: weight-only quantization (default bf16)")
     plan.add_argument("--slots", type=int, help="--serve: requests decoded together (default 32)")
     plan.add_argument("--context", type=int, help="--serve: tokens per slot (default 4096, or the model's window)")

@@ -130,8 +130,7 @@ def report(cfg: ModelConfig, kind: DeviceKind, mode: str | None, slots: int, con
         f" {slots} slots x {context} = {kv * slots * context / GIB:.1f} GiB in all",
         f"  budget       {budget / GIB:.1f} GiB per {kind.name} ({kind.usable:.0%} of"
         f" {kind.memory_bytes / GIB:.1f} GiB)",
-        "  devices  mesh        weights/dev  KV/dev     workspace  total/dev   fits   slots of "
-        f"{context} that fit",
+        f"  devices  mesh        weights/dev  KV/dev     workspace  total/dev   fits   slots of {context} that fit",
     ]
     fewest = None
     for n in sorted({*COUNTS, asked}):
@@ -144,8 +143,9 @@ def report(cfg: ModelConfig, kind: DeviceKind, mode: str | None, slots: int, con
             continue
         fits = m.total <= budget
         fewest = fewest or (n if fits else None)
-        sizes = f"{m.weights / GIB:8.1f} GiB {m.cache / GIB:6.1f} GiB {m.workspace / GIB:6.2f} GiB {m.total / GIB:7.1f} GiB"
-        lines.append(f"  {n:<8} tensor {m.tensor:<4} {sizes}  {'yes' if fits else 'no ':<5}  {fitting_slots(m, slots, budget)}")
+        sizes = f"{m.weights / GIB:8.1f} GiB {m.cache / GIB:6.1f} GiB {m.workspace / GIB:6.2f} GiB"
+        verdict = f"{m.total / GIB:7.1f} GiB  {'yes' if fits else 'no ':<5}  {fitting_slots(m, slots, budget)}"
+        lines.append(f"  {n:<8} tensor {m.tensor:<4} {sizes} {verdict}")
     if fewest is None:
         tried = ", ".join(map(str, sorted({*COUNTS, asked})))
         lines.append(f"  fewest       none of {tried} {kind.name} fit {slots} x {context}")
