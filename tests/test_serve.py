@@ -148,6 +148,9 @@ def test_completions_and_chat_streamed_or_not_equal_generate(live, loaded):
     assert got.usage.prompt_tokens == 10 and got.usage.completion_tokens == len(want.split())
     streamed = client.completions.create(model="base", prompt=text, max_tokens=20, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == want
+    forced = client.completions.create(model="base", prompt=text, max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    assert forced.usage.completion_tokens == 40 and forced.choices[0].finish_reason == "length"
 
     (want_chat,) = offline(loaded, [text], 20, template="me-llama")  # the default template without one of its own
     messages = [{"role": "user", "content": text}]

@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,15 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mellama_jax.config import ModelConfig
 from mellama_jax.inference.generate import PREFILL_CHUNK, Loaded, _prefill, bucket_length
 from mellama_jax.inference.sampling import sample_rows
-from mellama_jax.model.llama import init_cache, with_params
-from mellama_jax.model.sharding import activation_mesh
+from mellama_jax.model.llama import CACHE_KV, init_cache, with_params
+from mellama_jax.model.sharding import activation_mesh, spec
 
 log = logging.getLogger(__name__)
 
+CACHE_NAMES = {"k": CACHE_KV, "v": CACHE_KV, "segment_ids": ("batch", "length"), "index": ("batch",)}
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for per token (OpenAI's limit for completions)
 
 
@@ -55,6 +58,7 @@ class Request:
     seed: int = 0
     adapter: int = 0  # 0 = the base; i = the engine's i-th adapter
     echo: bool = False  # emit the prompt's own log-probabilities first
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -79,12 +83,23 @@ class Engine:
                         "scales": model.scales or {}}  # fmt: skip
         self.eos = np.asarray(model.eos_ids or (-1,), np.int32)
         self.buckets = _buckets(max_len)
-        with activation_mesh(model.mesh):
-            cache = jax.jit(functools.partial(init_cache, cfg, slots, max_len))()
-        self.cache = {**cache, "index": jnp.zeros((slots,), jnp.int32)}  # one position per slot
+
+        # The cache leaves every program placed as it came in (left to the partitioner, segment ids came out
+        # placed otherwise, and each program then compiled a second time for its own output).
+        shapes = {"k": (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.head_dim), "segment_ids": (slots, max_len),
+                  "index": (slots,)}  # fmt: skip
+        shapes["v"] = shapes["k"]
+        placed = {key: _placement(model.mesh, names, shapes[key]) for key, names in CACHE_NAMES.items()}
+        checked = lambda f: checkify.checkify(f, errors=checkify.user_checks)  # noqa: E731
         step = functools.partial(decode_step, cfg)
-        self._step = jax.jit(checkify.checkify(step, errors=checkify.user_checks), donate_argnums=1)
-        self._prefill = jax.jit(checkify.checkify(self._prefill_fn, errors=checkify.user_checks), donate_argnums=1)
+        self._step = jax.jit(checked(step), donate_argnums=1, out_shardings=(None, (None,) * 4 + (placed,)))
+        self._prefill = jax.jit(checked(self._prefill_fn), donate_argnums=1, out_shardings=(None, placed))
+
+        def empty():  # one position per slot
+            return {**init_cache(cfg, slots, max_len), "index": jnp.zeros((slots,), jnp.int32)}
+
+        with activation_mesh(model.mesh):
+            self.cache = jax.jit(empty, out_shardings=placed)()
         self._score = jax.jit(self._score_fn)
         # Host-side state per slot: its request, next token to feed, position, tokens produced.
         self.owner: list[Request | None] = [None] * slots
@@ -119,8 +134,22 @@ class Engine:
         return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], top_ids, top_lp
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name="mellama-engine", daemon=True)
+    def start(self, on_ready: Callable[[float | None, Exception | None], None] | None = None) -> None:
+        """Starts the engine's thread. With `on_ready`, the thread first warms up (`warm_up`) and reports
+        (seconds, None) or (None, error): compiled on the thread that runs them, the programs' first calls
+        skip jax's per-thread dispatch set-up (0.7 s on the first request otherwise)."""
+
+        def run():
+            if on_ready is not None:
+                try:
+                    seconds = self.warm_up()
+                except Exception as e:  # reported, and the engine stays down
+                    on_ready(None, e)
+                    return
+                on_ready(seconds, None)
+            self._loop()
+
+        self.thread = threading.Thread(target=run, name="mellama-engine", daemon=True)
         self.thread.start()
 
     def warm_up(self) -> float:
@@ -254,7 +283,7 @@ class Engine:
                 request.emit(("done", "cancelled"))
                 self._free(slot)
                 continue
-            if token in self.eos:
+            if token in self.eos and not request.ignore_eos:
                 request.emit(("done", "stop"))
                 self._free(slot)
                 continue
@@ -290,6 +319,14 @@ def decode_step(cfg: ModelConfig, weights, cache, tokens, index, adapter_ids, te
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
     return new, jnp.take_along_axis(logp, new[:, None], axis=-1)[:, 0], top_ids, top_lp, cache
+
+
+def _placement(mesh, names: tuple, shape: tuple) -> NamedSharding:
+    """The logical names' placement, with dimensions their mesh axes do not divide (slots fewer than the data
+    replicas) left whole."""
+    axes = [(a,) if isinstance(a, str) else a or () for a in spec(names)]
+    kept = [a if dim % math.prod(mesh.shape[x] for x in a) == 0 else () for a, dim in zip(axes, shape, strict=True)]
+    return NamedSharding(mesh, PartitionSpec(*(a or None for a in kept)))
 
 
 def _buckets(max_len: int) -> list[int]:

@@ -76,6 +76,7 @@ class Params:
     include_usage: bool
     logprobs: int | None  # completions: top alternatives per token (0..5); None = no logprobs
     echo: bool
+    ignore_eos: bool  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
 
 def params(body: Any, chat: bool) -> Params:
@@ -127,6 +128,7 @@ def params(body: Any, chat: bool) -> Params:
         include_usage=bool(options and options.get("include_usage")),
         logprobs=logprobs,
         echo=echo,
+        ignore_eos=_bool(body, "ignore_eos"),
     )
 
 

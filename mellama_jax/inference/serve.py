@@ -18,7 +18,6 @@ import os
 import pathlib
 import signal
 import socket
-import threading
 import time
 
 import jax
@@ -146,17 +145,15 @@ def run(args: argparse.Namespace) -> None:
     take_port(args.host, args.port)
     state = build_state(args, api_key)
 
-    def warm():
-        try:
-            seconds = state.engine.warm_up()
-            state.engine.start()
-            state.ready.set()
-            engine = state.engine
-            log.info("ready: %d slots x %d tokens, %d prefill buckets compiled in %.1f s; serving %s", engine.slots,
-                     engine.max_len, len(engine.buckets), seconds, ", ".join(state.models))  # fmt: skip
-        except Exception as e:  # /health says so; the server stays up to tell it
-            state.failed = f"warm-up failed: {type(e).__name__}"
+    def ready(seconds: float | None, error: Exception | None) -> None:
+        if error is not None:  # /health says so; the server stays up to tell it
+            state.failed = f"warm-up failed: {type(error).__name__}"
             log.error("%s", state.failed)
+            return
+        state.ready.set()
+        engine = state.engine
+        log.info("ready: %d slots x %d tokens, %d prefill buckets compiled in %.1f s; serving %s", engine.slots,
+                 engine.max_len, len(engine.buckets), seconds, ", ".join(state.models))  # fmt: skip
 
     class Server(uvicorn.Server):
         """uvicorn's, except that a drained shutdown exits 0 (uvicorn re-raises the signal once it is done)."""
@@ -179,7 +176,7 @@ def run(args: argparse.Namespace) -> None:
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout)  # fmt: skip
     server = Server(config)
-    threading.Thread(target=warm, name="mellama-warm-up", daemon=True).start()
+    state.engine.start(on_ready=ready)
     log.info("listening on http://%s:%d (health: 503 until warm)", args.host, args.port)
     try:
         server.run()

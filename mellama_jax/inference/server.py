@@ -59,7 +59,7 @@ class _Choice:
         self.offset = 0
         self.request = engine_lib.Request(
             prompt, p.max_tokens, emit, p.temperature, p.top_k, p.top_p, p.seed,
-            state.models[p.model]["adapter"], echo=p.echo and p.logprobs is not None,
+            state.models[p.model]["adapter"], echo=p.echo and p.logprobs is not None, ignore_eos=p.ignore_eos,
         )  # fmt: skip
 
     def _add_logprobs(self, ids, chosen, top_ids, top_lp) -> dict:
