@@ -126,7 +126,8 @@ async def load_test(url: str, model: str, texts: list[str], out_len: int, concur
     import openai
 
     gate, rng = asyncio.Semaphore(concurrency), random.Random(1)
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600) as client:
+    # retries: llama-server closes idle keep-alive connections, which the client finds on its next request
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=3, timeout=3600) as client:
 
         async def gated(text):
             async with gate:
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--only", default="ours,llama,transformers", help="which to run (results are merged)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -201,21 +203,32 @@ def main() -> None:
     files = prepare(args.work, args.llama_cpp)
     texts = prompts(files["hf"], args.requests, args.smoke)
     levels = [int(c) for c in args.concurrency.split(",")]
-    port, rows = 8731, []
+    port, out = 8731, args.work / ("serve_bench_smoke.json" if args.smoke else "serve_bench.json")
+    saved = json.loads(out.read_text()) if out.is_file() and not args.smoke else []
+    rows = [(r["server"], r["concurrency"], r) for r in saved]
+
+    def keep(name: str, c: int, result: dict) -> None:  # merged into the JSON at once: a crash loses one line
+        rows[:] = [row for row in rows if row[:2] != (name, c)] + [(name, c, result)]
+        out.write_text(json.dumps([{**r, "server": n, "concurrency": k} for n, k, r in rows], indent=1))
+
+    only = args.only.split(",")
     for name, extra in (("mellama serve fp32", []), ("mellama serve int8", ["--quantize", "int8"])):
+        if "ours" not in only:
+            continue
         argv = [sys.executable, "-m", "mellama_jax.cli", "serve", str(files["ours"]), "--port", str(port),
                 "--max-slots", str(max(levels)), "--max-len", "512", "--name", "m", *extra]  # fmt: skip
-        with running(argv, f"http://127.0.0.1:{port}", args.work / f"{name.split()[-1]}.log"):
-            rows += [(name, c, asyncio.run(load_test(f"http://127.0.0.1:{port}", "m", texts, args.output_len, c)))
-                     for c in levels]  # fmt: skip
-    for kind in ("F32", "Q8_0") if args.llama_cpp else ():
+        with running(argv, f"http://127.0.0.1:{port}", args.work / f"{name.split()[-1]}.log") as url:
+            for c in levels:
+                keep(name, c, asyncio.run(load_test(url, "m", texts, args.output_len, c)))
+    for kind in ("F32", "Q8_0") if args.llama_cpp and "llama" in only else ():
         argv = [str(args.llama_cpp / "llama-server"), "-m", str(files[kind]), "--port", str(port), "-np",
-                str(max(levels)), "-c", str(512 * max(levels)), "-t", str(THREADS), "--no-webui"]  # fmt: skip
+                str(max(levels)), "-c", str(512 * max(levels)), "-t", str(THREADS)]  # fmt: skip
         with running(argv, f"http://127.0.0.1:{port}", args.work / f"llama-{kind}.log") as url:
-            rows += [(f"llama-server {kind}", c, asyncio.run(load_test(url, "m", texts, args.output_len, c)))
-                     for c in levels]  # fmt: skip
-    rows.append(("transformers generate, one at a time, fp32", 1,
-                 transformers_one_at_a_time(files["hf"], texts, args.output_len)))  # fmt: skip
+            for c in levels:
+                keep(f"llama-server {kind}", c, asyncio.run(load_test(url, "m", texts, args.output_len, c)))
+    if "transformers" in only:
+        keep("transformers generate, one at a time, fp32", 1,
+             transformers_one_at_a_time(files["hf"], texts, args.output_len))  # fmt: skip
     print(f"\n{platform.processor() or platform.machine()}, {THREADS} threads; {args.requests} requests,"
           f" prompts 16-200 tokens, {args.output_len} output tokens each\n")  # fmt: skip
     print("| server | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | E2EL p50 s |")
@@ -223,8 +236,6 @@ def main() -> None:
     for name, c, r in rows:
         print(f"| {name} | {c} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |"
               f" {r['tpot_p50_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['e2e_p50_s']:.2f} |")  # fmt: skip
-    (args.work / "serve_bench.json").write_text(json.dumps([{"server": n, "concurrency": c, **r} for n, c, r in rows],
-                                                           indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -83,6 +83,9 @@ class Engine:
                         "scales": model.scales or {}}  # fmt: skip
         self.eos = np.asarray(model.eos_ids or (-1,), np.int32)
         self.buckets = _buckets(max_len)
+        # The step runs on the first R slots, R the smallest of these holding every busy one (a free slot is
+        # always the lowest): one request alone costs one row, not `slots`.
+        self.row_options = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r < slots] + [slots]
 
         # The cache leaves every program placed as it came in (left to the partitioner, segment ids came out
         # placed otherwise, and each program then compiled a second time for its own output).
@@ -161,7 +164,8 @@ class Engine:
                 error, self.cache = self._prefill(params, self.cache, tokens, zero, zero, zero)
                 error.throw()
                 self._score(params, tokens, zero)
-            self._run_step()
+            for rows in self.row_options:
+                self._run_step(rows)
         return time.monotonic() - began
 
     def submit(self, request: Request) -> None:
@@ -255,8 +259,8 @@ class Engine:
         self.owner[slot] = request
         self.token[slot], self.index[slot], self.count[slot] = ids[-1], len(ids) - 1, 0
 
-    def _settings(self) -> tuple[np.ndarray, ...]:
-        requests = [r or Request([], 0, lambda _: None) for r in self.owner]
+    def _settings(self, rows: int) -> tuple[np.ndarray, ...]:
+        requests = [r or Request([], 0, lambda _: None) for r in self.owner[:rows]]
         return (
             np.asarray([r.adapter for r in requests], np.int32),
             np.asarray([r.temperature for r in requests], np.float32),
@@ -265,9 +269,13 @@ class Engine:
             np.asarray([r.seed for r in requests], np.int32),
         )
 
-    def _run_step(self) -> None:
-        adapter_ids, temperature, top_k, top_p, seeds = self._settings()
-        per_slot = (self.token, self.index, adapter_ids, temperature, top_k, top_p, seeds, self.count)
+    def _run_step(self, rows: int | None = None) -> None:
+        if rows is None:
+            busiest = max(s for s, r in enumerate(self.owner) if r is not None)
+            rows = next(r for r in self.row_options if r > busiest)
+        adapter_ids, temperature, top_k, top_p, seeds = self._settings(rows)
+        per_slot = (self.token[:rows], self.index[:rows], adapter_ids, temperature, top_k, top_p, seeds,
+                    self.count[:rows])  # fmt: skip
         with activation_mesh(self.model.mesh):
             error, (new, logp, top_ids, top_lp, self.cache) = self._step(
                 self.weights, self.cache, *(jnp.asarray(x) for x in per_slot)
@@ -275,7 +283,7 @@ class Engine:
         error.throw()
         self.steps += 1
         new, logp, top_ids, top_lp = (np.asarray(x) for x in (new, logp, top_ids, top_lp))
-        for slot, request in enumerate(self.owner):
+        for slot, request in enumerate(self.owner[:rows]):
             if request is None:
                 continue
             token = int(new[slot])
@@ -306,19 +314,19 @@ def forward(cfg: ModelConfig, weights: dict, adapter_ids: jax.Array, *args):
 def decode_step(cfg: ModelConfig, weights, cache, tokens, index, adapter_ids, temperature, top_k, top_p, seeds, counts):
     """Every slot fed its token at its own index: (new token, its log-prob, top ids, top log-probs, cache).
 
-    All per-slot arguments are [slots]: the token to feed and its position, the adapter, the sampling settings,
+    All per-slot arguments are [rows]: the token to feed and its position, the adapter, the sampling settings,
     the seed and how many tokens the slot's request has had (its key is fold_in(fold_in(key(seed), 0), count)).
     """
-    slots = tokens.shape[0]
-    cache = {**cache, "index": index}
-    ones = jnp.ones((slots, 1), jnp.int32)
-    logits, cache = forward(cfg, weights, adapter_ids, tokens[:, None], index[:, None], ones, cache)
+    rows = tokens.shape[0]  # the cache's first rows (it may hold more slots, idle)
+    ones = jnp.ones((rows, 1), jnp.int32)
+    logits, new = forward(cfg, weights, adapter_ids, tokens[:, None], index[:, None], ones, {**cache, "index": index})
+    cache = {**new, "index": cache["index"]}  # positions are kept on the host
     logits = logits[:, 0]
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds, counts)
-    new = sample_rows(logits, keys, temperature, top_k, top_p)
+    chosen = sample_rows(logits, keys, temperature, top_k, top_p)
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-    return new, jnp.take_along_axis(logp, new[:, None], axis=-1)[:, 0], top_ids, top_lp, cache
+    return chosen, jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top_ids, top_lp, cache
 
 
 def _placement(mesh, names: tuple, shape: tuple) -> NamedSharding:

@@ -27,7 +27,8 @@ from mellama_jax.model import attention, lora, quant
 from mellama_jax.model.sharding import constrain
 
 # The decode cache: {"k", "v": [L, B, S, K, H], "segment_ids": [B, S], "index": [] or [B]}. One index for every
-# row (generate's batches) or one per row (the serving engine's slots, each at its own length).
+# row (generate's batches) or one per row (the serving engine's slots, each at its own length). Called with fewer
+# rows than the cache holds, the model reads and writes the cache's first rows only.
 Cache = dict[str, jax.Array]
 CACHE_KV = ("layers", "batch", "length", "kv_heads", "head_dim")
 
@@ -119,7 +120,8 @@ class Attention(nnx.Module):
             # The new slots are written into the stack in place and this layer's slice is read back: a cache
             # passed layer by layer (scan xs -> ys) would be copied whole at every decoding step.
             k_all, v_all = write_cache(kv[0], k, layer, index), write_cache(kv[1], v, layer, index)  # [L, B, S, K, H]
-            kv, k, v = (k_all, v_all), k_all[layer], v_all[layer]  # this layer's [B, S, K, H]
+            b = x.shape[0]  # the cache's first rows, if it has more (the serving engine's idle slots)
+            kv, k, v = (k_all, v_all), k_all[layer, :b], v_all[layer, :b]  # this layer's [B, S, K, H]
         out = attend(q, k.astype(dt), v.astype(dt))  # [B, T, N, H]
         return dense(out, cast(self.o, dt), n_in=2) + lora.row_delta(out, rows.get("o"), n_in=2), kv
 
@@ -197,7 +199,7 @@ class Llama(nnx.Module):
             index, kv_in = cache["index"], (cache["k"], cache["v"])
             check_room(index, tokens.shape[1], cache["segment_ids"].shape[1])
             kv_segments = write_cache(cache["segment_ids"][None], segment_ids, 0, index)[0]
-            attend = attention.cached(segment_ids, kv_segments, index)
+            attend = attention.cached(segment_ids, kv_segments[: tokens.shape[0]], index)
 
         graphdef, layer_state = nnx.split(self.layers)
 
