@@ -56,7 +56,8 @@ def test_slots_give_generates_tokens_whatever_shares_the_batch(ckpt, devices):
         assert run_engine(engine, ids, new) == want
         assert engine.busy() == 0 and engine.queued() == 0
         # warm-up compiled every program the requests ran: one step, one prefill per bucket, nothing since
-        assert engine._step._cache_size() == len(engine.row_options) == (3 if devices == 1 else 4)  # 1, 2, 4(, 8) rows
+        assert engine.windows == [64] and len(engine.row_options) == (3 if devices == 1 else 4)  # 1, 2, 4(, 8) rows
+        assert sum(step._cache_size() for step in engine._steps.values()) == len(engine.row_options)
         assert engine._prefill._cache_size() == len(engine.buckets)
     finally:
         engine.stop()
@@ -119,3 +120,19 @@ def test_quantized_weights_are_round_to_nearest_and_served_as_their_dequantized_
         ppl = float(np.exp(-logp[np.arange(tokens.shape[1] - 1), tokens[0, 1:]].mean()))
         assert abs(report[key] - ppl) <= 1e-3 * ppl
     assert 0 <= report["top1_agreement"] <= 1 and report["tokens"] == tokens.shape[1]
+
+
+def test_steps_attend_to_the_window_their_slots_reach(ckpt):
+    """Short and long requests together: each step attends to the smallest window past every busy position."""
+    model = gen.load(ckpt)
+    engine = Engine(model, slots=4, max_len=256, max_queue=8)
+    assert engine.windows == [64, 128, 256]
+    ids = prompts(model.cfg.vocab_size, lengths=(5, 150, 30, 90, 200, 12), seed=5)
+    new = [40, 12, 60, 20, 30, 8]
+    want = [gen.generate(model, [p], gen.Sampling(max_new_tokens=n))[0] for p, n in zip(ids, new, strict=True)]
+    engine.start(on_ready=lambda seconds, error: None)
+    try:
+        assert run_engine(engine, ids, new) == want
+    finally:
+        engine.stop()
+    assert all(step._cache_size() == len(engine.row_options) for step in engine._steps.values())  # all warmed

@@ -86,6 +86,9 @@ class Engine:
         # The step runs on the first R slots, R the smallest of these holding every busy one (a free slot is
         # always the lowest): one request alone costs one row, not `slots`.
         self.row_options = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r < slots] + [slots]
+        # ... and attends to the cache's first W slots, W the smallest of these past every busy slot's position:
+        # short requests do not pay for the whole window (at 512, a third of the step's time).
+        self.windows = sorted({w for w in (max_len >> 3, max_len >> 2, max_len >> 1) if w >= 64} | {max_len})
 
         # The cache leaves every program placed as it came in (left to the partitioner, segment ids came out
         # placed otherwise, and each program then compiled a second time for its own output).
@@ -94,8 +97,11 @@ class Engine:
         shapes["v"] = shapes["k"]
         placed = {key: _placement(model.mesh, names, shapes[key]) for key, names in CACHE_NAMES.items()}
         checked = lambda f: checkify.checkify(f, errors=checkify.user_checks)  # noqa: E731
-        step = functools.partial(decode_step, cfg)
-        self._step = jax.jit(checked(step), donate_argnums=1, out_shardings=(None, (None,) * 4 + (placed,)))
+        self._steps = {
+            w: jax.jit(checked(functools.partial(decode_step, cfg, w)), donate_argnums=1,
+                       out_shardings=(None, (None,) * 4 + (placed,)))
+            for w in self.windows
+        }  # fmt: skip
         self._prefill = jax.jit(checked(self._prefill_fn), donate_argnums=1, out_shardings=(None, placed))
 
         def empty():  # one position per slot
@@ -165,7 +171,8 @@ class Engine:
                 error.throw()
                 self._score(params, tokens, zero)
             for rows in self.row_options:
-                self._run_step(rows)
+                for window in self.windows:
+                    self._run_step(rows, window)
         return time.monotonic() - began
 
     def submit(self, request: Request) -> None:
@@ -269,15 +276,16 @@ class Engine:
             np.asarray([r.seed for r in requests], np.int32),
         )
 
-    def _run_step(self, rows: int | None = None) -> None:
+    def _run_step(self, rows: int | None = None, window: int | None = None) -> None:
         if rows is None:
-            busiest = max(s for s, r in enumerate(self.owner) if r is not None)
-            rows = next(r for r in self.row_options if r > busiest)
+            busy = [s for s, r in enumerate(self.owner) if r is not None]
+            rows = next(r for r in self.row_options if r > busy[-1])
+            window = next(w for w in self.windows if w > max(self.index[s] for s in busy))
         adapter_ids, temperature, top_k, top_p, seeds = self._settings(rows)
         per_slot = (self.token[:rows], self.index[:rows], adapter_ids, temperature, top_k, top_p, seeds,
                     self.count[:rows])  # fmt: skip
         with activation_mesh(self.model.mesh):
-            error, (new, logp, top_ids, top_lp, self.cache) = self._step(
+            error, (new, logp, top_ids, top_lp, self.cache) = self._steps[window](
                 self.weights, self.cache, *(jnp.asarray(x) for x in per_slot)
             )
         error.throw()
@@ -303,23 +311,26 @@ class Engine:
                 self._free(slot)
 
 
-def forward(cfg: ModelConfig, weights: dict, adapter_ids: jax.Array, *args):
+def forward(cfg: ModelConfig, weights: dict, adapter_ids: jax.Array, *args, window: int | None = None):
     """The model on args (tokens, positions[, segments, cache]), row i with adapter `adapter_ids[i]`."""
     model = with_params(cfg, weights["params"])
     # each row's adapter gathered from the stack: {target: {"a": [L, B, *in, r], "b": [L, B, r, *out]}}
     rows = jax.tree.map(lambda s: jnp.moveaxis(jnp.take(s, adapter_ids, axis=0), 0, 1), weights["adapters"])
-    return model(*args, row_adapters=rows or None, quant_scales=weights["scales"] or None)
+    return model(*args, row_adapters=rows or None, quant_scales=weights["scales"] or None, window=window)
 
 
-def decode_step(cfg: ModelConfig, weights, cache, tokens, index, adapter_ids, temperature, top_k, top_p, seeds, counts):
-    """Every slot fed its token at its own index: (new token, its log-prob, top ids, top log-probs, cache).
+def decode_step(cfg: ModelConfig, window: int, weights, cache, tokens, index, adapter_ids, temperature, top_k, top_p,
+                seeds, counts):  # fmt: skip
+    """Every slot fed its token at its own index (all below `window`): (new token, its log-prob, top ids, top
+    log-probs, cache).
 
     All per-slot arguments are [rows]: the token to feed and its position, the adapter, the sampling settings,
     the seed and how many tokens the slot's request has had (its key is fold_in(fold_in(key(seed), 0), count)).
     """
     rows = tokens.shape[0]  # the cache's first rows (it may hold more slots, idle)
     ones = jnp.ones((rows, 1), jnp.int32)
-    logits, new = forward(cfg, weights, adapter_ids, tokens[:, None], index[:, None], ones, {**cache, "index": index})
+    args = (tokens[:, None], index[:, None], ones, {**cache, "index": index})
+    logits, new = forward(cfg, weights, adapter_ids, *args, window=window)
     cache = {**new, "index": cache["index"]}  # positions are kept on the host
     logits = logits[:, 0]
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds, counts)

@@ -93,10 +93,13 @@ def self_attention(implementation: str, segment_ids: jax.Array | None) -> Attend
     return xla
 
 
-def cached(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int) -> Attend:
-    """Attention of T new queries (at slots q_offset...) over a KV cache whose segments are `kv_segments` [B, S]."""
-    mask = attention_mask(q_segments, kv_segments, q_offset)
-    return lambda q, k, v: attend(q, k, v, mask)
+def cached(
+    q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int, window: int | None = None
+) -> Attend:
+    """Attention of T new queries (at slots q_offset...) over a KV cache whose segments are `kv_segments` [B, S];
+    with `window`, over its first `window` slots only (the caller knows no row has written past them)."""
+    mask = attention_mask(q_segments, kv_segments[:, :window], q_offset)
+    return lambda q, k, v: attend(q, k[:, :window], v[:, :window], mask)
 
 
 def flash_blocks(t: int) -> tuple[int, pallas_attention.BlockSizes]:

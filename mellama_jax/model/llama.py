@@ -179,6 +179,7 @@ class Llama(nnx.Module):
         lora_scale: float = 1.0,
         row_adapters: dict | None = None,  # one LoRA per row: {target: {"a": [L, B, *in, r], "b": [L, B, r, *out]}}
         quant_scales: dict | None = None,  # the scales of layer weights held quantized (quant.py)
+        window: int | None = None,  # decoding: attend to the cache's first `window` slots only (all that is written)
     ) -> tuple[jax.Array, Cache | None]:
         """Returns fp32 logits [B, T, V] and, when decoding, the cache advanced by T slots.
 
@@ -199,7 +200,7 @@ class Llama(nnx.Module):
             index, kv_in = cache["index"], (cache["k"], cache["v"])
             check_room(index, tokens.shape[1], cache["segment_ids"].shape[1])
             kv_segments = write_cache(cache["segment_ids"][None], segment_ids, 0, index)[0]
-            attend = attention.cached(segment_ids, kv_segments[: tokens.shape[0]], index)
+            attend = attention.cached(segment_ids, kv_segments[: tokens.shape[0]], index, window)
 
         graphdef, layer_state = nnx.split(self.layers)
 

@@ -88,7 +88,7 @@ def measure(cfg: ModelConfig, mode: str | None, slots: int, context: int, device
              sharding=NamedSharding(mesh, spec(("batch", "length")))), "index": per_slot(jnp.int32)}  # fmt: skip
     args = [per_slot(t) for t in (jnp.int32, jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.float32, jnp.int32,
                                   jnp.int32)]  # fmt: skip
-    step = jax.jit(checkify.checkify(functools.partial(decode_step, cfg), errors=checkify.user_checks),
+    step = jax.jit(checkify.checkify(functools.partial(decode_step, cfg, context), errors=checkify.user_checks),
                    donate_argnums=1)  # fmt: skip
     with activation_mesh(mesh):
         lowered = step.lower(weights, cache, *args)
