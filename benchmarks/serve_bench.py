@@ -68,15 +68,16 @@ def prepare(work: pathlib.Path, llama_bin: pathlib.Path | None) -> dict:
     return files
 
 
-def prompts(hf: pathlib.Path, n: int, smoke: bool) -> list[str]:
-    """`n` prompts of 16 to 200 tokens: slices of the built-in clinical passage, repeated as needed."""
+def prompts(hf: pathlib.Path, n: int, smoke: bool, seed: int) -> list[str]:
+    """`n` prompts of 16 to 200 tokens: slices of the built-in clinical passage at random starts. Each concurrency
+    level gets its own (`seed`): llama-server keeps each slot's last prompt and would reuse it."""
     from transformers import AutoTokenizer
 
     from mellama_jax.inference.quality import HELD_OUT
 
     tok = AutoTokenizer.from_pretrained(hf)
     ids = tok(HELD_OUT * 2, add_special_tokens=False)["input_ids"]
-    rng = random.Random(0)
+    rng = random.Random(seed)
     out = []
     for _ in range(n):
         length = rng.randint(8, 24) if smoke else rng.randint(16, 200)
@@ -201,8 +202,8 @@ def main() -> None:
     if args.smoke:
         args.requests, args.output_len, args.concurrency, args.llama_cpp = 4, 8, "1,4", None
     files = prepare(args.work, args.llama_cpp)
-    texts = prompts(files["hf"], args.requests, args.smoke)
     levels = [int(c) for c in args.concurrency.split(",")]
+    texts = {c: prompts(files["hf"], args.requests, args.smoke, seed=c) for c in [1, *levels]}
     port, out = 8731, args.work / ("serve_bench_smoke.json" if args.smoke else "serve_bench.json")
     saved = json.loads(out.read_text()) if out.is_file() and not args.smoke else []
     rows = [(r["server"], r["concurrency"], r) for r in saved]
@@ -219,16 +220,16 @@ def main() -> None:
                 "--max-slots", str(max(levels)), "--max-len", "512", "--name", "m", *extra]  # fmt: skip
         with running(argv, f"http://127.0.0.1:{port}", args.work / f"{name.split()[-1]}.log") as url:
             for c in levels:
-                keep(name, c, asyncio.run(load_test(url, "m", texts, args.output_len, c)))
+                keep(name, c, asyncio.run(load_test(url, "m", texts[c], args.output_len, c)))
     for kind in ("F32", "Q8_0") if args.llama_cpp and "llama" in only else ():
         argv = [str(args.llama_cpp / "llama-server"), "-m", str(files[kind]), "--port", str(port), "-np",
                 str(max(levels)), "-c", str(512 * max(levels)), "-t", str(THREADS)]  # fmt: skip
         with running(argv, f"http://127.0.0.1:{port}", args.work / f"llama-{kind}.log") as url:
             for c in levels:
-                keep(f"llama-server {kind}", c, asyncio.run(load_test(url, "m", texts, args.output_len, c)))
+                keep(f"llama-server {kind}", c, asyncio.run(load_test(url, "m", texts[c], args.output_len, c)))
     if "transformers" in only:
         keep("transformers generate, one at a time, fp32", 1,
-             transformers_one_at_a_time(files["hf"], texts, args.output_len))  # fmt: skip
+             transformers_one_at_a_time(files["hf"], texts[1], args.output_len))  # fmt: skip
     print(f"\n{platform.processor() or platform.machine()}, {THREADS} threads; {args.requests} requests,"
           f" prompts 16-200 tokens, {args.output_len} output tokens each\n")  # fmt: skip
     print("| server | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | E2EL p50 s |")

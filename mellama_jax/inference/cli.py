@@ -129,6 +129,12 @@ def _adapter(value: str) -> tuple[str, pathlib.Path]:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import jinja2  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"mellama serve needs the serve extra: pip install 'mellama-jax[serve]' ({e})") from None
     from mellama_jax.inference import serve
 
     serve.run(args)
