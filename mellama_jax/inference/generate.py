@@ -36,6 +36,8 @@ from mellama_jax.config_file import read_json_object, read_model_config
 from mellama_jax.data.sft import TEMPLATES
 from mellama_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from mellama_jax.errors import UserError
+from mellama_jax.inference import quality
+from mellama_jax.inference.loaded import Loaded
 from mellama_jax.inference.sampling import sample_rows
 from mellama_jax.model import lora, quant
 from mellama_jax.model.llama import abstract_model, init_cache, with_params
@@ -67,21 +69,6 @@ class Sampling:
             raise UserError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if type(self.seed) is not int or not 0 <= self.seed < 2**31:
             raise UserError(f"seed must be an integer in [0, 2^31), got {self.seed!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Loaded:
-    """A checkpoint ready to generate or score: its model, params placed on `mesh`, tokenizer and stop ids."""
-
-    cfg: ModelConfig
-    params: dict  # nnx pure dict of jax arrays on `mesh`, as model.with_params takes
-    tokenizer: Tokenizer
-    eos_ids: tuple[int, ...]  # generation_config.json's eos_token_id, else the tokenizer's EOS
-    mesh: Mesh
-    fingerprint: str  # "sha256:<hex>" of the params' stored files
-    scales: dict | None = None  # with `quantize`: the integer layer weights' scales (model/quant.py)
-    quantize: str | None = None  # None, "int8" or "int4"
-    quant_report: dict | None = None  # what quantizing cost, measured at load (inference/quality.py)
 
 
 def decode_mesh(cfg: ModelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -136,11 +123,7 @@ def load(ckpt_dir: str | pathlib.Path, dtype: str | None = None, mesh: Mesh | No
         if lora_cfg is not None:
             params = _folded(params, item_dir, lora_cfg)
         loaded = Loaded(cfg, params, tokenizer, _eos_ids(ckpt_dir, tokenizer), mesh, digest.result())
-    if quantize is None:
-        return loaded
-    from mellama_jax.inference import quality  # it measures with this module's model
-
-    return quality.quantized(loaded, quantize, quant_text)
+    return loaded if quantize is None else quality.quantized(loaded, quantize, quant_text)
 
 
 def _folded(params: dict, item_dir: pathlib.Path, cfg: LoraConfig) -> dict:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mellama_jax.errors import UserError
-from mellama_jax.inference.generate import Loaded
+from mellama_jax.inference.loaded import Loaded
 from mellama_jax.model import quant
 from mellama_jax.model.llama import with_params
 from mellama_jax.model.sharding import activation_mesh
