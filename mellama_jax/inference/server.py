@@ -125,7 +125,7 @@ def _fit(state: State, prompt: list[int], p: Params, field: str) -> Params:
     return dataclasses.replace(p, max_tokens=max_tokens)
 
 
-async def _run(state: State, http: Request, prompts: list[list[int]], ps: list[Params], chat: bool):
+async def _run(state: State, http: Request, prompts: list[list[int]], ps: list[Params]):
     """Yields (choice, text, logprobs part) as the engine produces; cancels everything if the caller stops."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -255,7 +255,7 @@ async def _answer(state: State, http: Request, prompts, p: Params, chat: bool, e
     env = Envelope(chat, p.model)
     if not p.stream:
         texts, done = list(echo), {}
-        async for choice, text, _ in _run(state, http, prompts, ps, chat):
+        async for choice, text, _ in _run(state, http, prompts, ps):
             texts[choice.index] += text
             done[choice.index] = choice
         if len(done) < len(prompts) or any(c.finish is None for c in done.values()):
@@ -265,7 +265,7 @@ async def _answer(state: State, http: Request, prompts, p: Params, chat: bool, e
         body = [env.choice(c.index, texts[c.index], c.finish, logprobs(c), whole=True) for c in choices]
         used = protocol.usage(sum(map(len, prompts)), sum(c.tokens for c in choices))
         return JSONResponse(env.whole(body, used))
-    events = _run(state, http, prompts, ps, chat)
+    events = _run(state, http, prompts, ps)
     # The queue may refuse at once: that must be a 429, before the 200 of a stream is sent.
     try:
         head = await events.__anext__()
