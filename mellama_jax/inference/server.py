@@ -229,22 +229,24 @@ def build_app(state: State) -> FastAPI:
         check(http)
         return {"object": "list", "data": [m["card"] for m in state.models.values()]}
 
-    @app.post("/v1/completions")
-    async def completions(http: Request):
+    async def parsed(http: Request, chat: bool) -> tuple[dict, Params]:
+        """The request's body and settings, once the key, the body and the model are checked."""
         check(http)
         body = await _read_json(http)
-        p = protocol.params(body, chat=False)
+        p = protocol.params(body, chat=chat)
         model_of(p)
+        return body, p
+
+    @app.post("/v1/completions")
+    async def completions(http: Request):
+        body, p = await parsed(http, chat=False)
         prompts = protocol.prompts(body, state.tokenizer.encode, state.engine.model.cfg.vocab_size)
         echo = [state.tokenizer.decode(ids) if p.echo else "" for ids in prompts]
         return await _answer(state, http, prompts, p, False, echo)
 
     @app.post("/v1/chat/completions")
     async def chat(http: Request):
-        check(http)
-        body = await _read_json(http)
-        p = protocol.params(body, chat=True)
-        model_of(p)
+        body, p = await parsed(http, chat=True)
         return await _answer(state, http, [state.chat(protocol.messages(body))], p, True, [""])
 
     return app
