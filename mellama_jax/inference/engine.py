@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mellama_jax.config import ModelConfig
 from mellama_jax.inference.generate import PREFILL_CHUNK, Loaded, _prefill, bucket_length
 from mellama_jax.inference.sampling import sample_rows
-from mellama_jax.model.llama import CACHE_KV, init_cache, with_params
+from mellama_jax.model.llama import CACHE_KV, cache_shape, init_cache, with_params
 from mellama_jax.model.sharding import activation_mesh, spec
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ class Engine:
 
         # The cache leaves every program placed as it came in (left to the partitioner, segment ids came out
         # placed otherwise, and each program then compiled a second time for its own output).
-        shapes = {"k": (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.head_dim), "segment_ids": (slots, max_len),
-                  "index": (slots,)}  # fmt: skip
+        shapes = {"k": cache_shape(cfg, slots, max_len), "segment_ids": (slots, max_len), "index": (slots,)}
         shapes["v"] = shapes["k"]
         placed = {key: _placement(model.mesh, names, shapes[key]) for key, names in CACHE_NAMES.items()}
         checked = lambda f: checkify.checkify(f, errors=checkify.user_checks)  # noqa: E731

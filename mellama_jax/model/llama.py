@@ -30,7 +30,7 @@ from mellama_jax.model.sharding import constrain
 # row (generate's batches) or one per row (the serving engine's slots, each at its own length). Called with fewer
 # rows than the cache holds, the model reads and writes the cache's first rows only.
 Cache = dict[str, jax.Array]
-CACHE_KV = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_KV = ("layers", "batch", "kv_heads", "length", "head_dim")  # heads first: attention.py says why
 
 # Activations' logical names (sharding.constrain pins them when a mesh is set).
 RESIDUAL, HIDDEN, LOGITS = ("batch", "length", "act_embed"), ("batch", "length", "mlp"), ("batch", "length", "vocab")
@@ -106,7 +106,7 @@ class Attention(nnx.Module):
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T]
         attend: attention.Attend,  # (q, k, v) -> [B, T, N, H], as model.attention chose
-        kv: tuple[jax.Array, jax.Array] | None = None,  # the whole stack's cache ([L, B, S, K, H], [L, B, S, K, H])
+        kv: tuple[jax.Array, jax.Array] | None = None,  # the whole stack's cache ([L, B, K, S, H], [L, B, K, S, H])
         index: jax.Array | int = 0,  # slot of x's first token in the cache: one, or one per row [B]
         layer: jax.Array | int = 0,  # this layer's index into the cache's L axis
         rows: dict | None = None,  # per-row LoRA of this layer (lora.row_delta), or None
@@ -119,9 +119,9 @@ class Attention(nnx.Module):
         if kv is not None:
             # The new slots are written into the stack in place and this layer's slice is read back: a cache
             # passed layer by layer (scan xs -> ys) would be copied whole at every decoding step.
-            k_all, v_all = write_cache(kv[0], k, layer, index), write_cache(kv[1], v, layer, index)  # [L, B, S, K, H]
+            k_all, v_all = write_kv(kv[0], k, layer, index), write_kv(kv[1], v, layer, index)  # [L, B, K, S, H]
             b = x.shape[0]  # the cache's first rows, if it has more (the serving engine's idle slots)
-            kv, k, v = (k_all, v_all), k_all[layer, :b], v_all[layer, :b]  # this layer's [B, S, K, H]
+            kv, k, v = (k_all, v_all), k_all[layer, :b], v_all[layer, :b]  # this layer's [B, K, S, H]
         out = attend(q, k.astype(dt), v.astype(dt))  # [B, T, N, H]
         return dense(out, cast(self.o, dt), n_in=2) + lora.row_delta(out, rows.get("o"), n_in=2), kv
 
@@ -199,7 +199,7 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
             index, kv_in = cache["index"], (cache["k"], cache["v"])
             check_room(index, tokens.shape[1], cache["segment_ids"].shape[1])
-            kv_segments = write_cache(cache["segment_ids"][None], segment_ids, 0, index)[0]
+            kv_segments = write_segments(cache["segment_ids"], segment_ids, index)
             attend = attention.cached(segment_ids, kv_segments[: tokens.shape[0]], index, window)
 
         graphdef, layer_state = nnx.split(self.layers)
@@ -244,20 +244,34 @@ def check_room(index: jax.Array | int, t: int, slots: int) -> None:
         checkify.check(jnp.all(index + t <= slots), message, index=jnp.max(index))
 
 
-def write_cache(stack: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
-    """`stack` [L, B, S, ...] with new [B, T, ...] written into layer `layer` from slot `index` (or one per row)."""
+def write_segments(segment_ids: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
+    """The cache's `segment_ids` [B, S] with new [B, T] written from slot `index` (or one per row)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(segment_ids, new, (0, index))
+    rows, t = new.shape
+    slots = index[:, None] + jnp.arange(t)  # [B, T]: where each row's new entries go
+    return segment_ids.at[jnp.arange(rows)[:, None], slots].set(new, unique_indices=True, indices_are_sorted=True)
+
+
+def write_kv(stack: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
+    """`stack` [L, B, K, S, H] with new [B, T, K, H] written into layer `layer` from slot `index` (or one per row)."""
     new = new.astype(stack.dtype)
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(stack, new[None], (layer, 0, index) + (0,) * (new.ndim - 2))
+        return jax.lax.dynamic_update_slice(stack, new.transpose(0, 2, 1, 3)[None], (layer, 0, 0, index, 0))
     rows, t = new.shape[:2]
-    slots = index[:, None] + jnp.arange(t)  # [B, T]: where each row's new entries go
-    return stack.at[layer, jnp.arange(rows)[:, None], slots].set(new, unique_indices=True, indices_are_sorted=True)
+    slots = index[:, None] + jnp.arange(t)  # [B, T]
+    # Advanced indices split by a slice put their [B, T] first: the update is laid out as `new` is.
+    return stack.at[layer, jnp.arange(rows)[:, None], :, slots].set(new, unique_indices=True)
+
+
+def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
+    """The shape of a decode cache's keys (and values): [L, B, K, S, H]."""
+    return (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty decode cache for `max_len` slots; slots fill left to right."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    dtype = dtype or cfg.dtype
+    shape, dtype = cache_shape(cfg, batch, max_len), dtype or cfg.dtype
     return {
         "k": constrain(jnp.zeros(shape, dtype), CACHE_KV),
         "v": constrain(jnp.zeros(shape, dtype), CACHE_KV),

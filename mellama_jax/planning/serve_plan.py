@@ -27,7 +27,7 @@ from mellama_jax.hardware import DeviceKind
 from mellama_jax.inference.engine import decode_step
 from mellama_jax.inference.generate import decode_mesh
 from mellama_jax.model import quant
-from mellama_jax.model.llama import CACHE_KV, abstract_model, param_count
+from mellama_jax.model.llama import CACHE_KV, abstract_model, cache_shape, param_count
 from mellama_jax.model.sharding import activation_mesh, shardings, spec
 from mellama_jax.planning import devices as dev
 
@@ -80,7 +80,7 @@ def measure(cfg: ModelConfig, mode: str | None, slots: int, context: int, device
     """Bytes per device of the decode step for `slots` × `context` on `devices` (compile-only ones work)."""
     mesh = decode_mesh(cfg, devices)
     weights = _abstract_weights(cfg, mode, mesh)
-    kv = jax.ShapeDtypeStruct((cfg.n_layers, slots, context, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype),
+    kv = jax.ShapeDtypeStruct(cache_shape(cfg, slots, context), jnp.dtype(cfg.dtype),
                               sharding=NamedSharding(mesh, spec(CACHE_KV)))  # fmt: skip
     rows = NamedSharding(mesh, spec(("batch",)))
     per_slot = lambda dtype: jax.ShapeDtypeStruct((slots,), dtype, sharding=rows)  # noqa: E731
