@@ -28,7 +28,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from mellama_jax.evaluation.lm_eval import MellamaLM  # noqa: E402
+from mellama_jax.evaluation.lm_eval import MellamaLM, bucket  # noqa: E402
 from mellama_jax.hf.config import hf_config  # noqa: E402
 from mellama_jax.inference import generate  # noqa: E402
 
@@ -111,11 +111,21 @@ def test_loglikelihood_matches_lm_eval_hf_model(loaded, hf_model, hf_tokenizer):
     model = MellamaLM(loaded=loaded, batch_size=3, max_length=WINDOW)
     ours = model.loglikelihood(batch)
     expected = reference(hf_model, hf_tokenizer).loglikelihood(batch)
-    assert model._score._cache_size() == 2  # inputs of 1..32 tokens: two padded lengths (16, 32), two compiles
+    # inputs of 1..32 tokens: two padded lengths (16, 32); one compile per (length, scored width) used
+    assert {length for length, _ in model.shapes} == {16, 32}
+    assert model._score._cache_size() == len(model.shapes) <= 2 * 3  # widths 1..5 scored: 1, 2, 4 or 8
 
     np.testing.assert_allclose([s for s, _ in ours], [s for s, _ in expected], atol=LOGPROB_TOL, rtol=0)
     assert [g for _, g in ours] == [g for _, g in expected]
     assert ours[4][1] and not all(g for _, g in ours), "both greedy outcomes must be exercised"
+
+
+def test_padded_lengths_add_at_most_a_quarter_past_64():
+    ladder = sorted({bucket(n, 4096) for n in range(1, 4097)})
+    assert ladder[:9] == [16, 32, 48, 64, 80, 96, 112, 128, 160]
+    assert ladder[-4:] == [2560, 3072, 3584, 4096] and len(ladder) == 4 + 4 * 6  # 64 to 4096: six octaves
+    assert all(b / a <= 1.25 for a, b in zip(ladder[3:], ladder[4:], strict=False))
+    assert bucket(100, 90) == 90 and all(bucket(n, 4096) >= n for n in range(1, 4097))
 
 
 def test_loglikelihood_rolling_equals_hf_logits_over_the_same_windows(loaded, hf_model, hf_tokenizer):

@@ -11,7 +11,8 @@ From Python: `import mellama_jax.evaluation.lm_eval`, then `lm_eval.simple_evalu
 Scoring follows lm-eval's HF model (`lm_eval/models/huggingface.py`): the context and continuation are split by
 TemplateLM's rule (encode both, keep the whole's tail), an empty context becomes BOS, a window-overflowing request
 loses tokens from the left. One jitted forward pass, sharded over the checkpoint's mesh, scores a batch; padded
-lengths are powers of two, so a run compiles a handful of shapes, not one per request.
+lengths follow a coarse ladder (`bucket`), so a run compiles a handful of shapes, not one per request, and only
+the scored positions are projected onto the vocabulary.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -32,37 +32,26 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from mellama_jax.config import ModelConfig
 from mellama_jax.errors import UserError
 from mellama_jax.inference import generate
-from mellama_jax.model.llama import with_params
+from mellama_jax.model.scoring import token_logprobs
 from mellama_jax.model.sharding import RULES, activation_mesh, batch_sharding
 
 log = logging.getLogger(__name__)
 
-MIN_BUCKET = 16  # shortest padded length: shorter rows share one compiled shape
+MIN_BUCKET = 16  # shortest padded length (and step below 64): shorter rows share one compiled shape
 # gen_kwargs we honour; lm-eval's normalize_gen_kwargs maps max_new_tokens & co. onto max_gen_toks.
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed")
 
 
-def score_tokens(
-    cfg: ModelConfig,
-    params: dict,
-    scales: dict,  # quantized layer weights' scales ({} = none)
-    tokens: jax.Array,  # [B, T] int: the model's input
-    targets: jax.Array,  # [B, T] int: the token that follows each input position
-) -> tuple[jax.Array, jax.Array]:
-    """(log P(target) [B, T] in fp32, whether the target is the argmax [B, T]) for every position."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, _ = with_params(cfg, params)(tokens, positions, quant_scales=scales or None)  # [B, T, V] fp32
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == targets
-
-
 def bucket(length: int, max_length: int) -> int:
-    """The padded length of a row of `length` tokens: the next power of two in [MIN_BUCKET, max_length]."""
-    return min(max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length()), max_length)
+    """The padded length of `length` tokens, at most `max_length`: multiples of 16 up to 64, then each octave cut
+    in four (80, 96, 112, 128, 160, ..., 1024, 1280, ...): at most a quarter added, a few shapes per doubling."""
+    size = MIN_BUCKET * max(1, -(-length // MIN_BUCKET))
+    if size > 64:
+        step = 1 << (size - 1).bit_length() - 3  # a quarter of the octave that holds `size`
+        size = -(-size // step) * step
+    return min(size, max_length)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -127,9 +116,11 @@ class MellamaLM(TemplateLM):
         shards = math.prod(mesh.shape[axis] for axis in RULES["batch"])
         self.rows = -(-self.batch_size // shards) * shards  # every batch shard gets whole rows
         by_row, params = batch_sharding(mesh), jax.tree.map(lambda a: a.sharding, loaded.params)
+        self.shapes: set[tuple[int, int]] = set()  # (padded length, scored width) of every batch so far
+        self.padded = self.real = 0  # input tokens scored, with and without padding
         self._score = jax.jit(
-            functools.partial(score_tokens, self.cfg),
-            in_shardings=(params, None, by_row, by_row),
+            functools.partial(token_logprobs, self.cfg),
+            in_shardings=(params, None, by_row, by_row, by_row),
             out_shardings=(by_row, by_row),
         )
 
@@ -186,23 +177,36 @@ class MellamaLM(TemplateLM):
         return answers
 
     def _score_rows(self, rows: list[tuple[list[int], list[int], int]], disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """(inputs, targets, n scored at the end) per row -> (sum of their log-probs, all greedy), longest first."""
+        """(inputs, targets, n scored at the end) per row -> (sum of their log-probs, all greedy), longest first.
+
+        A batch pads its rows to `bucket(longest)` and its scored positions to the next power of two of the
+        most any row scores; only those positions meet the output projection (model/scoring.py)."""
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         answers: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
         chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for chunk in tqdm(chunks, desc="mellama: scoring", disable=disable_tqdm):
             length = bucket(len(rows[chunk[0]][0]), self.max_length)
-            tokens = np.zeros((self.rows, length), np.int32)  # padding rows and tails: scored, never read
-            targets = np.zeros((self.rows, length), np.int32)
+            most = max(rows[i][2] for i in chunk)
+            width = min(1 << max(most - 1, 0).bit_length(), length)
+            tokens = np.zeros((self.rows, length), np.int32)  # padding rows and tails: never scored
+            picks = np.zeros((self.rows, width), np.int32)
+            targets = np.zeros((self.rows, width), np.int32)
             for r, i in enumerate(chunk):
-                inputs, following, _ = rows[i]
-                tokens[r, : len(inputs)], targets[r, : len(inputs)] = inputs, following
+                inputs, following, scored = rows[i]
+                n = len(inputs)
+                tokens[r, :n] = inputs
+                picks[r, :scored], targets[r, :scored] = np.arange(n - scored, n), following[n - scored :]
+            self.shapes.add((length, width))
+            self.padded += self.rows * length
+            self.real += sum(len(rows[i][0]) for i in chunk)
             with activation_mesh(self.loaded.mesh):  # traced here: activations pinned onto the checkpoint's mesh
                 weights = (self.loaded.params, self.loaded.scales or {})
-                logp, greedy = jax.device_get(self._score(*weights, tokens, targets))
+                logp, top = jax.device_get(self._score(*weights, tokens, picks, targets))
             for r, i in enumerate(chunk):
-                n, scored = len(rows[i][0]), rows[i][2]
-                answers[i] = (float(logp[r, n - scored : n].sum()), bool(greedy[r, n - scored : n].all()))
+                scored = rows[i][2]
+                answers[i] = (float(logp[r, :scored].sum()), bool((top[r, :scored] == targets[r, :scored]).all()))
+        log.info("mellama: scored in %d compiled shapes, padded/real tokens %.2f", len(self.shapes),
+                 self.padded / max(self.real, 1))  # fmt: skip
         return answers
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -21,10 +21,11 @@ import numpy as np
 from mellama_jax.errors import UserError
 from mellama_jax.inference.loaded import Loaded
 from mellama_jax.model import quant
-from mellama_jax.model.llama import with_params
+from mellama_jax.model.scoring import token_logprobs
 from mellama_jax.model.sharding import activation_mesh
 
 log = logging.getLogger(__name__)
+_score = jax.jit(token_logprobs, static_argnums=0)
 
 HELD_OUT = (
     "A 64-year-old woman presented to the emergency department with two days of fever, productive cough and "
@@ -42,18 +43,12 @@ HELD_OUT = (
 )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(cfg, params, scales, tokens):
-    positions = jnp.arange(tokens.shape[1])[None]
-    return with_params(cfg, params)(tokens, positions, quant_scales=scales or None)[0][0]
-
-
 def _measure(model: Loaded, params, scales, tokens) -> tuple[float, np.ndarray]:
+    """(perplexity of tokens [1, T], the most likely token at each position but the last)."""
+    picks = jnp.arange(tokens.shape[1] - 1)[None]
     with activation_mesh(model.mesh):
-        logits = _logits(model.cfg, params, scales, tokens)
-    logp = jax.nn.log_softmax(logits[:-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1).mean()
-    return math.exp(float(nll)), np.asarray(jnp.argmax(logits[:-1], axis=-1))
+        logp, top = _score(model.cfg, params, scales, tokens, picks, tokens[:, 1:])
+    return math.exp(-float(logp.mean())), np.asarray(top[0])
 
 
 def quantized(model: Loaded, mode: str, text: str | None = None) -> Loaded:

@@ -180,6 +180,7 @@ class Llama(nnx.Module):
         row_adapters: dict | None = None,  # one LoRA per row: {target: {"a": [L, B, *in, r], "b": [L, B, r, *out]}}
         quant_scales: dict | None = None,  # the scales of layer weights held quantized (quant.py)
         window: int | None = None,  # decoding: attend to the cache's first `window` slots only (all that is written)
+        head: bool = True,  # False: the final hidden states [B, T, D] instead of logits (model/scoring.py)
     ) -> tuple[jax.Array, Cache | None]:
         """Returns fp32 logits [B, T, V] and, when decoding, the cache advanced by T slots.
 
@@ -216,17 +217,21 @@ class Llama(nnx.Module):
         (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), xs)
 
         x = self.final_norm(x)
+        if cache is not None:
+            k, v = kv_out
+            cache = {"k": k, "v": v, "segment_ids": kv_segments, "index": index + tokens.shape[1]}
+        return (self.head(x) if head else x), cache
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, D] (as `head=False` returns them) -> fp32 logits [B, T, V]."""
+        dt = jnp.dtype(self.cfg.dtype)
         # Gathered in bf16 here: left to the partitioner, the backward's fp32 product gathers an fp32 copy.
         if self.lm_head is None:  # tied: contract the table's D axis as it lies; `.T` would copy [V, D] per call
             table = constrain(cast(self.embed, dt), ("vocab", "act_embed"))
             logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
         else:
             logits = dense(x, constrain(cast(self.lm_head, dt), ("act_embed", "vocab")), out_dtype=jnp.float32)
-        logits = constrain(logits, LOGITS)
-        if cache is not None:
-            k, v = kv_out
-            cache = {"k": k, "v": v, "segment_ids": kv_segments, "index": index + tokens.shape[1]}
-        return logits, cache
+        return constrain(logits, LOGITS)
 
 
 def check_room(index: jax.Array | int, t: int, slots: int) -> None:
