@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from mellama_jax import hardware
+from mellama_jax import compile_cache, hardware
 from mellama_jax.data import cli as data_cli
 from mellama_jax.demo import cli as demo_cli
 from mellama_jax.errors import UserError
@@ -32,6 +32,9 @@ _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 # The subcommands, in the order `mellama --help` lists them; each stage's `add_commands` adds its own.
 # Those modules import nothing heavy (jax, orbax, ...) until their command runs.
 STAGES = (demo_cli, planning_cli, hf_cli, data_cli, inference_cli, training_cli, evaluation_cli)
+# The commands that run a model, with JAX's persistent compilation cache on (compile_cache.py); lm-eval passes
+# every argument on to lm-eval, so there MELLAMA_COMPILE_CACHE=off is the way to turn it off.
+MODEL_COMMANDS = ("demo", "generate", "serve", "train", "eval", "lm-eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         stage.add_commands(commands)
+    for name in MODEL_COMMANDS[:-1]:
+        commands.choices[name].add_argument(
+            "--no-compile-cache", action="store_true",
+            help=f"compile every program afresh, without JAX's persistent cache (or set {compile_cache.ENV}=off)",
+        )  # fmt: skip
     return parser
 
 
@@ -96,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_library_failures()
     _choose_platform(args.command, logger)
     try:
+        if args.command in MODEL_COMMANDS:
+            compile_cache.enable(logger, off=getattr(args, "no_compile_cache", False))
         args.run(args)
+        compile_cache.report(logger)
     except (UserError, OSError) as e:
         if os.environ.get("MELLAMA_DEBUG") or (isinstance(e, OSError) and e.errno not in _USER_OS_ERRORS):
             raise

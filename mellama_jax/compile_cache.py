@@ -1,0 +1,118 @@
+"""JAX's persistent compilation cache, on for every command that runs a model: the second `mellama eval`,
+`generate`, `serve` or `lm-eval` of a model loads its programs instead of compiling them again.
+
+The folder is `$MELLAMA_COMPILE_CACHE`, else JAX's own `$JAX_COMPILATION_CACHE_DIR`, else
+`$XDG_CACHE_HOME/mellama/jax-compile` (`~/.cache/...`);
+`MELLAMA_COMPILE_CACHE=off` or a command's `--no-compile-cache` turns it off. Entries are evicted least
+recently used past MAX_BYTES, which also makes JAX take a file lock around every read and write, so processes
+sharing the folder do not read each other's half-written entries. A folder that cannot be written is a one-line
+warning and a run without the cache; an entry that cannot be read is a one-line warning and a compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import tempfile
+import warnings
+
+ENV = "MELLAMA_COMPILE_CACHE"
+OFF = ("off", "0", "false", "no")
+MAX_BYTES = 4 << 30
+_UNREADABLE = "Error reading persistent compilation cache entry"
+
+
+@dataclasses.dataclass
+class Tally:
+    """What this process compiled: programs, seconds spent (loading included), and how many the cache gave."""
+
+    folder: pathlib.Path | None = None
+    programs: int = 0
+    seconds: float = 0.0
+    loaded: int = 0
+
+
+TALLY = Tally()
+
+
+def folder() -> pathlib.Path | None:
+    """Where the cache lives, or None when the environment turns it off."""
+    value = (os.environ.get(ENV) or os.environ.get("JAX_COMPILATION_CACHE_DIR") or "").strip()
+    if value.lower() in OFF:
+        return None
+    if value:
+        return pathlib.Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "mellama" / "jax-compile"
+
+
+def enable(log: logging.Logger, off: bool = False) -> None:
+    """Points JAX at the cache (unless `off`) and counts compilations for `report`. Imports jax: call it once the
+    platform is chosen."""
+    import jax
+
+    _count(jax)
+    where = None if off else folder()
+    if where is None:
+        jax.config.update("jax_enable_compilation_cache", False)  # JAX_COMPILATION_CACHE_DIR included
+        log.info("compilation cache off")
+        return
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        jax.config.update("jax_enable_compilation_cache", False)
+        log.warning("compilation cache %s cannot be written (%s): compiling without it", where, e.strerror or e)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(where))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    TALLY.folder = where
+    _warn_in_one_line(log)
+
+
+def report(log: logging.Logger) -> None:
+    """Logs what compiling cost this process, when it compiled anything."""
+    if TALLY.programs:
+        cached = f", {TALLY.loaded} loaded from the cache in {TALLY.folder}" if TALLY.folder else ""
+        log.info("compiled %d programs in %.1f s%s", TALLY.programs, TALLY.seconds, cached)  # loading counted
+
+
+def _count(jax) -> None:
+    if getattr(_count, "listening", False):
+        return
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    def compiled(event: str, seconds: float, **_) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            TALLY.programs += 1
+            TALLY.seconds += seconds
+
+    def hit(event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            TALLY.loaded += 1
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    jax.monitoring.register_event_listener(hit)
+    _count.listening = True
+
+
+def _warn_in_one_line(log: logging.Logger) -> None:
+    """JAX's warning for an unreadable entry (a truncated file, say) as one line of ours, once per process."""
+    if getattr(warnings.showwarning, "mellama", False):
+        return
+    shown, told = warnings.showwarning, []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(message).startswith(_UNREADABLE):
+            return shown(message, category, filename, lineno, file, line)
+        if not told:
+            told.append(True)
+            log.warning("compilation cache %s: an entry could not be read, compiling it afresh (%s); deleting the "
+                        "folder rebuilds it", TALLY.folder, str(message).rpartition(": ")[2][:120])  # fmt: skip
+
+    show.mellama = True
+    warnings.showwarning = show
