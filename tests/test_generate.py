@@ -150,7 +150,7 @@ def test_sampling_is_reproducible_per_seed_and_independent_of_batching(gqa):
 def test_batches_reuse_one_compiled_program_and_keep_input_order(gqa):
     loaded = gen.load(gqa[0])
     sampling = gen.Sampling(4)
-    decoder = gen._decoder(loaded.cfg, sampling, loaded.eos_ids, loaded.mesh, gen.PREFILL_CHUNK)
+    decoder = gen._decoder(loaded.cfg, sampling, loaded.eos_ids, loaded.mesh, gen.PREFILL_CHUNK, ())
     rows = prompts(loaded.cfg.vocab_size, lengths=(9, 3, 12, 5, 16, 7, 10, 4))  # all in the 16-slot bucket
     seen = []
     out = gen.generate(loaded, rows, sampling, batch_size=4, progress=seen.append)
@@ -158,6 +158,18 @@ def test_batches_reuse_one_compiled_program_and_keep_input_order(gqa):
     assert decoder._cache_size() == 1
     assert out == [gen.generate(loaded, [row], sampling)[0] for row in rows]  # each alone, in input order
     assert [gen.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 100, 4000)] == [16, 16, 24, 24, 32, 48, 128, 4096]
+
+
+def test_a_row_ends_after_a_stop_token_kept_and_the_batch_when_every_row_has(gqa):
+    loaded = gen.load(gqa[0])
+    rows = prompts(loaded.cfg.vocab_size, lengths=(6, 11))
+    sampling = gen.Sampling(NEW)
+    free = gen.generate(loaded, rows, sampling)
+    assert all(len(out) == NEW for out in free), "greedy runs its length: room for a stop to cut it"
+    stop = free[0][3]  # the first row stops after its 4th token; the second where it first meets that token
+    cut = gen.generate(loaded, rows, sampling, stop_ids=[stop])
+    assert cut[0] == free[0][: free[0].index(stop) + 1]
+    assert cut[1] == (free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1])
 
 
 SETTINGS = [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.9), (0.5, 10, 0.8), (2.0, 3, 0.3), (1.3, 50, 1.0)]

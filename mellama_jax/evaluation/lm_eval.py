@@ -236,8 +236,9 @@ class MellamaLM(TemplateLM):
         """Greedy (unless gen_kwargs sample) continuations, cut before the first `until` string; requests that
         share gen_kwargs run as one batch. The context keeps its last max_length - max_gen_toks tokens.
 
-        Decoding stops at EOS or max_gen_toks (generate.generate knows no stop strings); the cut at `until` is
-        made on the text afterwards, so the answer is the same, only the tokens after a stop string are wasted.
+        A row stops at EOS, at max_gen_toks, or after a token whose own text holds an `until` string (so the
+        answer's text holds it too); the cut at `until` is made on the text afterwards. A stop string split over
+        two tokens is cut there as well, only after decoding on to the end.
         """
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -252,11 +253,19 @@ class MellamaLM(TemplateLM):
                 )
             # An empty context (and no BOS added) starts from the prefix token, as loglikelihood does.
             prompts = [self.tok_encode(requests[i].args[0])[-keep:] or [self.prefix_token_id] for i in members]
-            new_tokens = generate.generate(self.loaded, prompts, sampling, batch_size=self.batch_size)
+            new_tokens = generate.generate(self.loaded, prompts, sampling, batch_size=self.batch_size,
+                                           stop_ids=self._stop_ids(tuple(until)))  # fmt: skip
             for i, tokens in zip(members, new_tokens, strict=True):
                 outputs[i] = postprocess_generated_text(self.tok.decode(tokens), until, think_end_token=None)
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (one model per process; the vocabulary is read once per set)
+    def _stop_ids(self, until: tuple[str, ...]) -> tuple[int, ...]:
+        """The ids of the tokens whose own text contains one of `until`."""
+        if not until:
+            return ()
+        return tuple(i for i in range(self.tok.vocab_size) if any(stop in self.tok.decode([i]) for stop in until))
 
     def _sampling(self, gen_kwargs: dict) -> tuple[generate.Sampling, list[str]]:
         """lm-eval's gen_kwargs -> (generate.Sampling, stop strings); keys we cannot honour are refused."""

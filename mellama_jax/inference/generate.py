@@ -204,10 +204,12 @@ def sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=32)
-def _decoder(cfg: ModelConfig, sampling: Sampling, eos_ids: tuple[int, ...], mesh: Mesh, chunk: int) -> Callable:
+def _decoder(cfg: ModelConfig, sampling: Sampling, eos_ids: tuple[int, ...], mesh: Mesh, chunk: int,
+             stop_ids: tuple[int, ...] = ()) -> Callable:  # fmt: skip
     """The jitted prefill + decode loop; one per (model, sampling, mesh), each compiled once per input shape.
 
-    `sampling.seed` is 0 here: the seed is an argument, so a new seed compiles nothing.
+    A row ends at an `eos_ids` token (not kept) or after a `stop_ids` token (kept); the loop ends when every
+    row has. `sampling.seed` is 0 here: the seed is an argument, so a new seed compiles nothing.
     """
     n = sampling.max_new_tokens
 
@@ -228,9 +230,10 @@ def _decoder(cfg: ModelConfig, sampling: Sampling, eos_ids: tuple[int, ...], mes
             i, token, cache, out, length, done = state
             logits, cache = model(token[:, None], (lengths - 1 + i)[:, None], jnp.ones((b, 1), jnp.int32), cache)
             new = sample(logits[:, 0], jax.vmap(jax.random.fold_in, (0, None))(keys, i), sampling)
-            stop = done | jnp.isin(new, jnp.asarray(eos_ids or (-1,), jnp.int32))
+            ended = done | jnp.isin(new, jnp.asarray(eos_ids or (-1,), jnp.int32))
             out = jax.lax.dynamic_update_index_in_dim(out, new, i, axis=1)
-            return i + 1, new, cache, out, jnp.where(stop, length, i + 1), stop
+            stop = ended | jnp.isin(new, jnp.asarray(stop_ids or (-1,), jnp.int32))
+            return i + 1, new, cache, out, jnp.where(ended, length, i + 1), stop
 
         def going(state):
             return (state[0] < n) & ~jnp.all(state[5])
@@ -293,15 +296,18 @@ def generate(
     sampling: Sampling = Sampling(),
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:
     """The new token ids of every prompt (each prompt as the model should see it, BOS included), in input order,
-    the end-of-sequence id not included. `progress(n)` is called after each batch with the prompts it finished.
+    the end-of-sequence id not included; a row also ends after any of `stop_ids` (kept). `progress(n)` is called
+    after each batch with the prompts it finished.
     """
     if type(batch_size) is not int or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     cfg, mesh = model.cfg, model.mesh
     ids = _checked(prompts, cfg, sampling)
-    decode = _decoder(cfg, dataclasses.replace(sampling, seed=0), tuple(model.eos_ids), mesh, PREFILL_CHUNK)
+    decode = _decoder(cfg, dataclasses.replace(sampling, seed=0), tuple(model.eos_ids), mesh, PREFILL_CHUNK,
+                      tuple(sorted(set(stop_ids))))  # fmt: skip
     rows_sharding = NamedSharding(mesh, spec(("batch",)))
     split = mesh.size // rows_sharding.shard_shape((mesh.size,))[0]  # ways the rows are split
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
