@@ -157,7 +157,8 @@ def test_batches_reuse_one_compiled_program_and_keep_input_order(gqa):
     assert seen == [4, 4]
     assert decoder._cache_size() == 1
     assert out == [gen.generate(loaded, [row], sampling)[0] for row in rows]  # each alone, in input order
-    assert [gen.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 100, 4000)] == [16, 16, 24, 24, 32, 48, 128, 4096]
+    lengths, padded = (1, 16, 17, 33, 64, 65, 100, 129, 4000), [16, 16, 32, 48, 64, 80, 112, 160, 4096]
+    assert [gen.bucket_length(n) for n in lengths] == padded
 
 
 def test_a_row_ends_after_a_stop_token_kept_and_the_batch_when_every_row_has(gqa):

@@ -39,19 +39,13 @@ from mellama_jax.model.sharding import RULES, activation_mesh, batch_sharding
 
 log = logging.getLogger(__name__)
 
-MIN_BUCKET = 16  # shortest padded length (and step below 64): shorter rows share one compiled shape
 # gen_kwargs we honour; lm-eval's normalize_gen_kwargs maps max_new_tokens & co. onto max_gen_toks.
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed")
 
 
 def bucket(length: int, max_length: int) -> int:
-    """The padded length of `length` tokens, at most `max_length`: multiples of 16 up to 64, then each octave cut
-    in four (80, 96, 112, 128, 160, ..., 1024, 1280, ...): at most a quarter added, a few shapes per doubling."""
-    size = MIN_BUCKET * max(1, -(-length // MIN_BUCKET))
-    if size > 64:
-        step = 1 << (size - 1).bit_length() - 3  # a quarter of the octave that holds `size`
-        size = -(-size // step) * step
-    return min(size, max_length)
+    """The padded length of a row of `length` tokens: generate's ladder (at most +25 % past 64), at most max_length."""
+    return min(generate.bucket_length(length), max_length)
 
 
 def _positive_int(value: Any, name: str) -> int:

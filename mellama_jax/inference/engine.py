@@ -348,7 +348,7 @@ def _placement(mesh, names: tuple, shape: tuple) -> NamedSharding:
 
 
 def _buckets(max_len: int) -> list[int]:
-    """Prefill lengths: 16, 24, 32, 48, ... below max_len, then max_len."""
+    """Prefill lengths: generate.bucket_length's ladder (16, 32, 48, 64, 80, ...) below max_len, then max_len."""
     sizes, n = [], 16
     while n < max_len:
         sizes.append(n)

@@ -1,7 +1,7 @@
 """Text generation from a checkpoint: a batched prefill, then KV-cache decoding inside one jitted loop.
 
 Prompts are token ids. They are sorted by length and batched with their neighbours; each batch is
-left-padded to a bucket length (16, 24, 32, 48, 64, ... : at most 1.5x its longest prompt), so a batch
+left-padded to a bucket length (16, 32, 48, 64, 80, ... : at most 1.25x its longest prompt past 64), so a batch
 never pads to an outlier and a handful of compiled programs serve every batch. Padding slots get segment
 id 0 and every prompt's positions start at 0 at its first token, so the cache's mask (same segment,
 slot not after the query's) hides the padding and each row computes what it would alone.
@@ -185,12 +185,13 @@ def read_prompts(path: str | pathlib.Path) -> list[str]:
 
 
 def bucket_length(n: int) -> int:
-    """The padded length for a longest prompt of `n` tokens: 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x)."""
-    size = 16
-    while n > size:
-        if n <= size * 3 // 2:
-            return size * 3 // 2
-        size *= 2
+    """The padded length of `n` tokens: multiples of 16 up to 64, then each octave cut in four (80, 96, 112, 128,
+    160, ..., 1024, 1280, ...): at most a quarter added past 64, four shapes per doubling. Prompts (generate,
+    serve's prefill) and scored rows (lm-eval) share it."""
+    size = 16 * max(1, -(-n // 16))
+    if size > 64:
+        step = 1 << (size - 1).bit_length() - 3  # a quarter of the octave that holds `size`
+        size = -(-size // step) * step
     return size
 
 
