@@ -10,7 +10,11 @@ compilation cache (cold), hf, mellama again on the cache the first filled (warm)
 time is measured around `simple_evaluate` in the child (the model loaded once, before); the metrics of both
 sides are printed beside the times, so an unequal answer shows.
 
-    python benchmarks/eval_speed.py [--work /tmp/serve_bench] [--limit 40]
+Then `mellama eval` on the shared MedQA and PubMedQA samples (48 new tokens, batch 16; the whole command, cold
+and warm) against a plain transformers loop over the same prompts (left-padded batches of 16, greedy
+`generate`, the whole process), with how many answers are the same tokens.
+
+    python benchmarks/eval_speed.py [--work /tmp/serve_bench] [--limit 40] [--skip-lm-eval]
 """
 
 from __future__ import annotations
@@ -102,6 +106,38 @@ def child(side: str, weights: str, tasks: str, limit: int) -> dict:
     return out
 
 
+def transformers_loop(hf: str, predictions: str, new_tokens: int) -> dict:
+    """Greedy answers to the prompts `mellama eval` wrote, 16 at a time; how many equal its tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    began = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(hf, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    rows = [json.loads(line) for path in predictions.split(",") for line in pathlib.Path(path).read_text().splitlines()]
+    same = 0
+    for start in range(0, len(rows), 16):
+        batch = rows[start : start + 16]
+        inputs = tok([r["prompt"] for r in batch], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                                 or tok.eos_token_id)  # fmt: skip
+        for r, ids in zip(batch, out[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
+            ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+            same += ids == r["output_ids"]
+    return {"seconds": time.perf_counter() - began, "same": same, "answers": len(rows)}
+
+
+def eval_command(ckpt: pathlib.Path, out: pathlib.Path, cache: pathlib.Path, new_tokens: int) -> float:
+    argv = [sys.executable, "-m", "mellama_jax.cli", "eval", str(ckpt), "--tasks", "medqa,pubmedqa", "--data-dir",
+            str(MEDQA.parent), "--max-new-tokens", str(new_tokens), "--out", str(out)]  # fmt: skip
+    began = time.perf_counter()
+    done = subprocess.run(argv, env={**os.environ, "MELLAMA_COMPILE_CACHE": str(cache)}, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"mellama eval failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
 def run(side: str, weights: pathlib.Path, tasks: pathlib.Path, limit: int, cache: pathlib.Path) -> dict:
     env = {**os.environ, "MELLAMA_COMPILE_CACHE": str(cache), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "0"}
     argv = [sys.executable, __file__, "--side", side, "--weights", str(weights), "--tasks", str(tasks),
@@ -116,10 +152,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/serve_bench"))
     parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--side", choices=("mellama", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, default=48, help="per answer in the mellama eval part")
+    parser.add_argument("--skip-lm-eval", action="store_true", help="only the mellama eval part")
+    parser.add_argument("--side", choices=("mellama", "hf", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side == "transformers":
+        print(json.dumps(transformers_loop(args.weights, args.tasks, args.new_tokens)))
+        return
     if args.side:
         print(json.dumps(child(args.side, args.weights, args.tasks, args.limit)))
         return
@@ -127,17 +168,23 @@ def main() -> None:
     from serve_bench import prepare
 
     files = prepare(args.work, None)
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as scratch:
         tasks, cache = pathlib.Path(scratch) / "tasks", pathlib.Path(scratch) / "cache"
         tasks.mkdir()
         write_tasks(tasks)
-        runs = [("mellama cold", run("mellama", files["ours"], tasks, args.limit, cache)),
-                ("hf", run("hf", files["hf"], tasks, args.limit, cache)),
-                ("mellama warm", run("mellama", files["ours"], tasks, args.limit, cache)),
-                ("hf again", run("hf", files["hf"], tasks, args.limit, cache))]  # fmt: skip
-    (args.work / "eval_speed.json").write_text(json.dumps(dict(runs), indent=1))
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; lm-eval batch 8, "
-          f"{args.limit} MedQA questions\n")  # fmt: skip
+        if not args.skip_lm_eval:
+            lm_eval_part(files, tasks, args.limit, cache, args.work)
+        eval_part(files, pathlib.Path(scratch), args.new_tokens)
+
+
+def lm_eval_part(files: dict, tasks: pathlib.Path, limit: int, cache: pathlib.Path, work: pathlib.Path) -> None:
+    runs = [("mellama cold", run("mellama", files["ours"], tasks, limit, cache)),
+            ("hf", run("hf", files["hf"], tasks, limit, cache)),
+            ("mellama warm", run("mellama", files["ours"], tasks, limit, cache)),
+            ("hf again", run("hf", files["hf"], tasks, limit, cache))]  # fmt: skip
+    (work / "eval_speed.json").write_text(json.dumps(dict(runs), indent=1))
+    print(f"\nlm-eval, batch 8, {limit} MedQA questions\n")
     print("| run | load s | " + " | ".join(f"{t} s" for t in TASKS) + " | compiled (from cache) |")
     print("|---|---|" + "---|" * len(TASKS) + "---|")
     for name, r in runs:
@@ -148,6 +195,23 @@ def main() -> None:
     print("\nmetrics:")
     for name, r in runs:
         print(f"  {name}: " + "; ".join(f"{t} {r[t]['metrics']}" for t in TASKS))
+
+
+def eval_part(files: dict, scratch: pathlib.Path, new_tokens: int) -> None:
+    cache = scratch / "eval-cache"
+    cold = eval_command(files["ours"], scratch / "eval-cold", cache, new_tokens)
+    predictions = ",".join(str(scratch / "eval-cold" / "predictions" / f"{t}.jsonl") for t in ("medqa", "pubmedqa"))
+    argv = [sys.executable, __file__, "--side", "transformers", "--weights", str(files["hf"]), "--tasks", predictions,
+            "--new-tokens", str(new_tokens)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "0"})
+    if done.returncode:
+        sys.exit(f"transformers loop failed:\n{done.stderr[-3000:]}")
+    hf = json.loads(done.stdout.strip().splitlines()[-1])
+    warm = eval_command(files["ours"], scratch / "eval-warm", cache, new_tokens)
+    print(f"\nmellama eval --tasks medqa,pubmedqa (40 + 40), {new_tokens} new tokens, batch 16, whole commands\n")
+    print("| run | seconds | same tokens as mellama eval |\n|---|---|---|")
+    print(f"| mellama eval, cold cache | {cold:.1f} | |\n| mellama eval, warm cache | {warm:.1f} | |")
+    print(f"| transformers loop | {hf['seconds']:.1f} | {hf['same']} of {hf['answers']} |")
 
 
 if __name__ == "__main__":

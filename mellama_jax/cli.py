@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_library_failures()
     _choose_platform(args.command, logger)
     try:
-        if args.command in MODEL_COMMANDS:
+        model_command = args.command in MODEL_COMMANDS
+        if model_command:
             compile_cache.enable(logger, off=getattr(args, "no_compile_cache", False))
         args.run(args)
-        compile_cache.report(logger)
+        if model_command:
+            compile_cache.report(logger)
     except (UserError, OSError) as e:
         if os.environ.get("MELLAMA_DEBUG") or (isinstance(e, OSError) and e.errno not in _USER_OS_ERRORS):
             raise

@@ -4,7 +4,7 @@
 The folder is `$MELLAMA_COMPILE_CACHE`, else JAX's own `$JAX_COMPILATION_CACHE_DIR`, else
 `$XDG_CACHE_HOME/mellama/jax-compile` (`~/.cache/...`);
 `MELLAMA_COMPILE_CACHE=off` or a command's `--no-compile-cache` turns it off. Entries are evicted least
-recently used past MAX_BYTES, which also makes JAX take a file lock around every read and write, so processes
+recently used past 4 GiB, which also makes JAX take a file lock around every read and write, so processes
 sharing the folder do not read each other's half-written entries. A folder that cannot be written is a one-line
 warning and a run without the cache; an entry that cannot be read is a one-line warning and a compile.
 """
@@ -20,7 +20,8 @@ import warnings
 
 ENV = "MELLAMA_COMPILE_CACHE"
 OFF = ("off", "0", "false", "no")
-MAX_BYTES = 4 << 30
+# Programs that compile in under 0.1 s are not worth a file; past 4 GiB the least recently used go.
+SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.1, "jax_compilation_cache_max_size": 4 << 30}
 _UNREADABLE = "Error reading persistent compilation cache entry"
 
 
@@ -54,6 +55,7 @@ def enable(log: logging.Logger, off: bool = False) -> None:
     import jax
 
     _count(jax)
+    TALLY.folder, TALLY.programs, TALLY.seconds, TALLY.loaded = None, 0, 0.0, 0  # this command's own
     where = None if off else folder()
     if where is None:
         jax.config.update("jax_enable_compilation_cache", False)  # JAX_COMPILATION_CACHE_DIR included
@@ -67,9 +69,9 @@ def enable(log: logging.Logger, off: bool = False) -> None:
         log.warning("compilation cache %s cannot be written (%s): compiling without it", where, e.strerror or e)
         return
     jax.config.update("jax_compilation_cache_dir", str(where))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    for name, value in SETTINGS.items():  # JAX's own environment variables, where set, win
+        if name.upper() not in os.environ:
+            jax.config.update(name, value)
     TALLY.folder = where
     _warn_in_one_line(log)
 

@@ -27,7 +27,8 @@ def ckpt(tmp_path_factory) -> pathlib.Path:
 
 def generate(ckpt: pathlib.Path, cache: str, *flags: str) -> subprocess.CompletedProcess:
     """`mellama generate` in a fresh process with MELLAMA_COMPILE_CACHE=cache."""
-    env = {**os.environ, "MELLAMA_COMPILE_CACHE": cache}
+    # every program cached, however quick to compile (the default skips those under 0.1 s): JAX's own variable
+    env = {**os.environ, "MELLAMA_COMPILE_CACHE": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     argv = [sys.executable, "-m", "mellama_jax.cli", "generate", str(ckpt), "--prompt", "w5 w7", "--max-new-tokens",
             "4", *flags]  # fmt: skip
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
