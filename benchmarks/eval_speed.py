@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -80,11 +81,10 @@ def child(side: str, weights: str, tasks: str, limit: int) -> dict:
     from lm_eval.tasks import TaskManager
 
     if side == "mellama":
-        import mellama_jax.evaluation.lm_eval  # noqa: F401  (registers the model)
         from mellama_jax import compile_cache
         from mellama_jax.evaluation.lm_eval import MellamaLM
 
-        compile_cache.enable(__import__("logging").getLogger("eval_speed"))
+        compile_cache.enable(logging.getLogger("eval_speed"))
         began = time.perf_counter()
         model = MellamaLM(ckpt=weights, batch_size=8)
     else:

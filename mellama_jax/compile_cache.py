@@ -55,7 +55,7 @@ def enable(log: logging.Logger, off: bool = False) -> None:
     import jax
 
     _count(jax)
-    TALLY.folder, TALLY.programs, TALLY.seconds, TALLY.loaded = None, 0, 0.0, 0  # this command's own
+    vars(TALLY).update(vars(Tally()))  # this command's own
     where = None if off else folder()
     if where is None:
         jax.config.update("jax_enable_compilation_cache", False)  # JAX_COMPILATION_CACHE_DIR included

@@ -112,6 +112,7 @@ class MellamaLM(TemplateLM):
         by_row, params = batch_sharding(mesh), jax.tree.map(lambda a: a.sharding, loaded.params)
         self.shapes: set[tuple[int, int]] = set()  # (padded length, scored width) of every batch so far
         self.padded = self.real = 0  # input tokens scored, with and without padding
+        self._stops: dict[tuple[str, ...], tuple[int, ...]] = {}  # `until` strings -> tokens that hold one
         self._score = jax.jit(
             functools.partial(token_logprobs, self.cfg),
             in_shardings=(params, None, by_row, by_row, by_row),
@@ -254,12 +255,12 @@ class MellamaLM(TemplateLM):
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
 
-    @functools.lru_cache(maxsize=8)  # noqa: B019  (one model per process; the vocabulary is read once per set)
     def _stop_ids(self, until: tuple[str, ...]) -> tuple[int, ...]:
-        """The ids of the tokens whose own text contains one of `until`."""
-        if not until:
-            return ()
-        return tuple(i for i in range(self.tok.vocab_size) if any(stop in self.tok.decode([i]) for stop in until))
+        """The ids of the tokens whose own text contains one of `until` (the vocabulary read once per set)."""
+        if until not in self._stops:
+            vocab = range(self.tok.vocab_size) if until else ()
+            self._stops[until] = tuple(i for i in vocab if any(stop in self.tok.decode([i]) for stop in until))
+        return self._stops[until]
 
     def _sampling(self, gen_kwargs: dict) -> tuple[generate.Sampling, list[str]]:
         """lm-eval's gen_kwargs -> (generate.Sampling, stop strings); keys we cannot honour are refused."""
