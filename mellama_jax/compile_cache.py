@@ -6,7 +6,8 @@ The folder is `$MELLAMA_COMPILE_CACHE`, else JAX's own `$JAX_COMPILATION_CACHE_D
 `MELLAMA_COMPILE_CACHE=off` or a command's `--no-compile-cache` turns it off. Entries are evicted least
 recently used past 4 GiB, which also makes JAX take a file lock around every read and write, so processes
 sharing the folder do not read each other's half-written entries. A folder that cannot be written is a one-line
-warning and a run without the cache; an entry that cannot be read is a one-line warning and a compile.
+warning and a run without the cache; an entry that cannot be read, or written (a full disk), is a one-line
+warning and a compile.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ ENV = "MELLAMA_COMPILE_CACHE"
 OFF = ("off", "0", "false", "no")
 # Programs that compile in under 0.1 s are not worth a file; past 4 GiB the least recently used go.
 SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.1, "jax_compilation_cache_max_size": 4 << 30}
-_UNREADABLE = "Error reading persistent compilation cache entry"
+# JAX's warnings when an entry cannot be read (a truncated file) or written (a full disk): what we say instead
+_FAILURES = {"Error reading persistent compilation cache entry": "read, compiling it afresh",
+             "Error writing persistent compilation cache entry": "written, running without it"}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -103,18 +106,19 @@ def _count(jax) -> None:
 
 
 def _warn_in_one_line(log: logging.Logger) -> None:
-    """JAX's warning for an unreadable entry (a truncated file, say) as one line of ours, once per process."""
+    """JAX's warnings for an entry it cannot read or write as one line of ours, once per kind and process."""
     if getattr(warnings.showwarning, "mellama", False):
         return
-    shown, told = warnings.showwarning, []
+    shown, told = warnings.showwarning, set()
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if not str(message).startswith(_UNREADABLE):
+        kind = next((k for k in _FAILURES if str(message).startswith(k)), None)
+        if kind is None:
             return shown(message, category, filename, lineno, file, line)
-        if not told:
-            told.append(True)
-            log.warning("compilation cache %s: an entry could not be read, compiling it afresh (%s); deleting the "
-                        "folder rebuilds it", TALLY.folder, str(message).rpartition(": ")[2][:120])  # fmt: skip
+        if kind not in told:
+            told.add(kind)
+            log.warning("compilation cache %s: an entry could not be %s (%s); deleting the folder rebuilds it",
+                        TALLY.folder, _FAILURES[kind], str(message).rpartition(": ")[2][:120])  # fmt: skip
 
     show.mellama = True
     warnings.showwarning = show

@@ -68,3 +68,28 @@ def test_an_unwritable_folder_is_one_warning_and_off_means_off(ckpt, tmp_path):
         result = generate(ckpt, env, *flags)
         assert "compilation cache off" in result.stderr and "loaded from the cache" not in tally(result)
     assert not (tmp_path / "unused").exists()
+
+
+def test_jax_failing_to_write_or_read_an_entry_is_one_line_of_ours_per_kind(caplog, monkeypatch):
+    import logging
+    import warnings
+
+    from mellama_jax import compile_cache
+
+    shown = []  # what reaches Python's own printing; a hook an earlier command installed here is set aside
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *_: shown.append(str(message)))
+    log = logging.getLogger("mellama_jax.test_compile_cache")
+    compile_cache._warn_in_one_line(log)
+    with caplog.at_level(logging.WARNING, logger=log.name), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for _ in range(2):  # a full disk: JAX's own words, as jax/_src/compiler.py warns them
+            warnings.warn("Error writing persistent compilation cache entry for 'jit_f': OSError: [Errno 28] No "
+                          "space left on device", stacklevel=1)  # fmt: skip
+            warnings.warn("Error reading persistent compilation cache entry for 'jit_f': ZstdError: truncated",
+                          stacklevel=1)  # fmt: skip
+        warnings.warn("another warning", stacklevel=1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert shown == ["another warning"]
+    assert "could not be written" in lines[0] and "No space left on device" in lines[0]
+    assert "could not be read" in lines[1] and "truncated" in lines[1]
